@@ -1,0 +1,146 @@
+"""The one interface every task talks to, whatever library a CLIP model came from.
+
+A task (training, zero-shot, sparse concepts, purity, explainability, scoring) only ever calls the
+methods of :class:`CLIPBackbone`. Each source (from-scratch towers, Hugging Face, open_clip, LaCLIP,
+clipbench checkpoints) provides one subclass in its own module.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.transforms import v2
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_LOGIT_SCALE = 100.0
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How a model wants its pixels: square resolution and per-channel normalisation.
+
+    The same spec yields a per-image PIL transform (for data loaders) and a batched tensor
+    transform (for data kept on the accelerator), so both paths preprocess identically.
+    """
+
+    size: int
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    interpolation: str = "bicubic"
+
+    def _interpolation(self) -> v2.InterpolationMode:
+        return v2.InterpolationMode(self.interpolation)
+
+    def pil_transform(self) -> v2.Compose:
+        """Resize the short side, centre-crop, scale to [0, 1], normalise."""
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize(self.size, interpolation=self._interpolation(), antialias=True),
+                v2.CenterCrop(self.size),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def batch_transform(self, images: Tensor) -> Tensor:
+        """uint8 (B, C, H, W) on any device -> normalised float at ``size``; resizes only if needed."""
+        x = images.float().div_(255.0)
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode=self.interpolation, align_corners=False)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+class CLIPBackbone(nn.Module, abc.ABC):
+    """A dual encoder with a shared embedding space.
+
+    Subclasses set ``embed_dim`` and ``image_spec`` and implement the abstract methods. Embeddings
+    are returned *unnormalised*: tasks normalise where their method says so.
+    """
+
+    embed_dim: int
+    image_spec: ImageSpec
+
+    @abc.abstractmethod
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Preprocessed images (B, 3, S, S) -> image embeddings (B, embed_dim)."""
+
+    @abc.abstractmethod
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        """Token ids from :meth:`tokenize` (N, L) -> text embeddings (N, embed_dim)."""
+
+    @abc.abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        """Strings -> a LongTensor of token ids (N, context_length) on the CPU."""
+
+    @abc.abstractmethod
+    def projection_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters of the image and text projections, by name, for projection-only training.
+
+        Keys are ``image.<name>`` and ``text.<name>`` so a caller can tell the towers apart.
+        """
+
+    @abc.abstractmethod
+    def projection_matrix(self, tower: str) -> Tensor:
+        """The projection of ``tower`` ("image" or "text") as an (in_features, embed_dim) matrix."""
+
+    @property
+    @abc.abstractmethod
+    def logit_scale(self) -> Tensor:
+        """The learned log inverse temperature (a scalar tensor, before ``exp``)."""
+
+    def logit_bias(self) -> Tensor | None:
+        """SigLIP-style models add a learned bias to the scaled similarity; CLIP has none."""
+        return None
+
+    def similarity_scale(self) -> Tensor:
+        """``exp(logit_scale)`` clamped at 100, as in CLIP."""
+        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    def vision_attention_modules(self) -> list[nn.Module]:
+        """The self-attention modules of the vision tower, first to last (ViTs only).
+
+        :mod:`clipbench.models.attention` records queries, keys, values, attention weights and the
+        attention output of these modules with the autograd graph intact.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no vision transformer attention blocks")
+
+    @property
+    def image_transform(self) -> v2.Compose:
+        """The model's own eval preprocessing for PIL images."""
+        return self.image_spec.pil_transform()
+
+
+def init_logit_scale(temperature: float = 0.07) -> nn.Parameter:
+    """CLIP's initial learnable log inverse temperature."""
+    return nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+
+
+def resolve_projection(root: nn.Module, path: str) -> nn.Linear | nn.Parameter:
+    """The projection at dotted ``path`` under ``root``: an ``nn.Linear`` or an (in, out) parameter."""
+    *parents, leaf = path.split(".")
+    owner = root.get_submodule(".".join(parents)) if parents else root
+    return getattr(owner, leaf)
+
+
+def projection_params(root: nn.Module, path: str, prefix: str) -> dict[str, nn.Parameter]:
+    """Named parameters of the projection at ``path`` (weight and bias of a Linear, or the matrix)."""
+    proj = resolve_projection(root, path)
+    if isinstance(proj, nn.Linear):
+        return {f"{prefix}.{path}.{name}": p for name, p in proj.named_parameters()}
+    return {f"{prefix}.{path}": proj}
+
+
+def projection_as_matrix(root: nn.Module, path: str) -> Tensor:
+    """The projection at ``path`` as (in_features, embed_dim), whatever its storage layout."""
+    proj = resolve_projection(root, path)
+    return proj.weight.T if isinstance(proj, nn.Linear) else proj
