@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import abc
 import math
+import os
+import socket
 from dataclasses import dataclass
 from typing import Sequence
+from urllib.parse import urlparse
+from urllib.request import getproxies
 
 import torch
 import torch.nn.functional as F
@@ -50,14 +54,21 @@ class ImageSpec:
             ]
         )
 
-    def batch_transform(self, images: Tensor) -> Tensor:
-        """uint8 (B, C, H, W) on any device -> normalised float at ``size``; resizes only if needed."""
+    def resize_batch(self, images: Tensor) -> Tensor:
+        """uint8 (B, C, H, W) on any device -> float in [0, 1] at ``size`` (resizes only if needed)."""
         x = images.float().div_(255.0)
         if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode=self.interpolation, align_corners=False)
+            x = F.interpolate(x, size=(self.size, self.size), mode=self.interpolation, align_corners=False).clamp_(0, 1)
+        return x
+
+    def normalize_batch(self, x: Tensor) -> Tensor:
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
+
+    def batch_transform(self, images: Tensor) -> Tensor:
+        """uint8 (B, C, H, W) -> the model's input, batched on the images' device."""
+        return self.normalize_batch(self.resize_batch(images))
 
 
 class CLIPBackbone(nn.Module, abc.ABC):
@@ -144,3 +155,22 @@ def projection_as_matrix(root: nn.Module, path: str) -> Tensor:
     """The projection at ``path`` as (in_features, embed_dim), whatever its storage layout."""
     proj = resolve_projection(root, path)
     return proj.weight.T if isinstance(proj, nn.Linear) else proj
+
+
+def download_blocker(url: str) -> str | None:
+    """Why a download from ``url`` cannot work right now, or None if it may.
+
+    Hub clients retry an unreachable host for tens of seconds before giving up; a pretrained source
+    checks this first so that a machine without network fails at once with a useful message.
+    Behind a proxy a direct probe proves nothing, so the download is left to try.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    if getproxies():
+        return None
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=3).close()
+    except OSError as err:
+        return f"{parsed.hostname} is unreachable ({err})"
+    return None

@@ -1,0 +1,46 @@
+"""Start-up checks of a composed config: an impossible value fails before any work, naming its key.
+
+Unknown keys are already rejected by Hydra (the composed config is in struct mode), and unknown
+group options (``model=nope``) by Hydra's config search; this module checks *values*.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value is impossible; the message names the key."""
+
+
+# (dotted key, predicate, what a valid value is). Keys absent from a config are skipped, so the
+# same table serves train.py and evaluate.py.
+RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("model.lr", lambda v: v > 0, "a positive learning rate"),
+    ("model.weight_decay", lambda v: v >= 0, "non-negative"),
+    ("model.warmup_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("model.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("model.trainable", lambda v: v in ("all", "projections"), "'all' or 'projections'"),
+    ("data.batch_size", lambda v: v > 0, "a positive integer"),
+    ("data.eval_batch_size", lambda v: v > 0, "a positive integer"),
+    ("data.num_workers", lambda v: v >= 0, "non-negative"),
+    ("data.val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("data.crop_padding", lambda v: v >= 0, "non-negative"),
+    ("trainer.max_epochs", lambda v: v == -1 or v > 0, "positive (or -1 for no limit)"),
+    ("test_ckpt", lambda v: v in ("best", "last"), "'best' or 'last'"),
+]
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, ok, expected in RULES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        try:
+            good = ok(value)
+        except TypeError:
+            good = False
+        if not good:
+            raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")

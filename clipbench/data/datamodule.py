@@ -1,0 +1,199 @@
+"""One LightningDataModule for every labelled image dataset clipbench trains or evaluates on.
+
+Batches are (images, labels); captions are made from labels by the model (prompt templates), so the
+same data serves contrastive training, zero-shot evaluation and every analysis task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+import torch
+from sklearn.model_selection import train_test_split
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+from clipbench.data import sources
+from clipbench.data.device_batches import Augment, DeviceBatches
+from clipbench.data.sources import DataError, TensorImages
+from clipbench.models.backbone import ImageSpec
+
+log = logging.getLogger(__name__)
+
+
+def _source(name: str, root: str | None, download: bool, seed: int, synthetic_samples: int) -> Callable[[str], Dataset]:
+    """split -> dataset, for the dataset called ``name``."""
+    needs_root = {"cifar10", "cifar100", "imagefolder"}
+    if name in needs_root and not root:
+        raise DataError(f"data.root must be set for data.name={name}")
+    table: dict[str, Callable[[str], Dataset]] = {
+        "digits": partial(sources.digits, seed=seed),
+        "synthetic": partial(sources.synthetic, samples=synthetic_samples, seed=seed),
+        "cifar10": partial(sources.cifar, 10, root, download=download),
+        "cifar100": partial(sources.cifar, 100, root, download=download),
+        "imagefolder": partial(sources.image_folder, root),
+    }
+    if name not in table:
+        raise DataError(f"data.name={name!r} is unknown; choose one of {sorted(table)}")
+    return lambda split: table[name](split=split)
+
+
+class _Transformed(Dataset):
+    """Applies a per-sample transform; unreadable images (``None``) pass through to be dropped."""
+
+    def __init__(self, base: Dataset, transform: Callable) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        image, label = self.base[i]
+        return (None if image is None else self.transform(image)), label
+
+
+def _collate_readable(batch: list) -> tuple[Tensor, Tensor]:
+    """Default collation minus the samples whose image could not be read (already logged)."""
+    kept = [(img, label) for img, label in batch if img is not None]
+    return torch.stack([img for img, _ in kept]), torch.tensor([label for _, label in kept])
+
+
+def decode(dataset: Dataset, size: int, num_workers: int, desc: str) -> TensorImages:
+    """Decode a dataset into uint8 tensors at ``size`` x ``size`` (short-side resize, centre crop)."""
+    if isinstance(dataset, TensorImages):
+        if dataset.images.shape[-1] == size and dataset.images.shape[-2] == size:
+            return dataset
+        resized = v2.functional.center_crop(v2.functional.resize(dataset.images, size, antialias=True), size)
+        return TensorImages(resized, dataset.labels, dataset.classes)
+    to_uint8 = v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+    loader = DataLoader(_Transformed(dataset, to_uint8), batch_size=512, num_workers=num_workers, collate_fn=_collate_readable)
+    parts = [batch for batch in tqdm(loader, desc=desc, unit="batch")]
+    images = torch.cat([p[0] for p in parts])
+    labels = torch.cat([p[1] for p in parts])
+    if len(labels) < len(dataset):
+        log.warning("%s: %d of %d images were unreadable and are left out (see warnings above)", desc, len(dataset) - len(labels), len(dataset))
+    return TensorImages(images, labels, dataset.classes)
+
+
+class CLIPDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        name: str,
+        image_spec: ImageSpec,
+        root: str | None = None,
+        download: bool = False,
+        batch_size: int = 256,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        crop_padding: int = 4,
+        hflip: bool = True,
+        on_device: bool = True,
+        decode_size: int | None = None,
+        cache_dir: str | None = None,
+        seed: int = 0,
+        synthetic_samples: int = 512,
+    ) -> None:
+        super().__init__()
+        self.name, self.root, self.image_spec = name, root, image_spec
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.val_fraction, self.on_device, self.seed = num_workers, val_fraction, on_device, seed
+        self.augment = Augment(crop_padding, hflip)
+        self.decode_size = decode_size or image_spec.size
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._load = _source(name, root, download, seed, synthetic_samples)
+        self.splits: dict[str, Dataset] = {}
+        self.class_names: list[str] = []
+
+    # ----------------------------------------------------------------- datasets
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        train, test = self._load("train"), self._load("test")
+        if self.on_device:
+            train, test = self._decoded(train, "train"), self._decoded(test, "test")
+        self.class_names = list(train.classes)
+        self.splits = {"test": test, **self._split_validation(train)}
+
+    def _split_validation(self, train: Dataset) -> dict[str, Dataset]:
+        """Hold out a stratified ``val_fraction`` of train; with 0, validate on the test split."""
+        if self.val_fraction <= 0:
+            return {"train": train}
+        labels = train.labels.numpy()
+        fit_idx, val_idx = train_test_split(
+            range(len(labels)), test_size=self.val_fraction, stratify=labels, random_state=self.seed
+        )
+        pick = (lambda idx: train.subset(torch.as_tensor(idx))) if isinstance(train, TensorImages) else (lambda idx: torch.utils.data.Subset(train, idx))
+        return {"train": pick(fit_idx), "val": pick(val_idx)}
+
+    def _decoded(self, dataset: Dataset, split: str) -> TensorImages:
+        """Decode once; cache folder trees on disk keyed by their location, size and file list."""
+        if isinstance(dataset, TensorImages) or self.cache_dir is None:
+            return decode(dataset, self.decode_size, self.num_workers, f"decode {self.name}/{split}")
+        files = "\n".join(str(p) for p, _ in dataset.samples)
+        key = hashlib.sha1(f"{self.decode_size}\n{files}".encode()).hexdigest()[:16]
+        path = self.cache_dir / "decoded" / f"{self.name}_{split}_{self.decode_size}px_{key}.pt"
+        if path.exists():
+            cached = torch.load(path)
+            return TensorImages(cached["images"], cached["labels"], cached["classes"])
+        decoded = decode(dataset, self.decode_size, self.num_workers, f"decode {self.name}/{split}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"images": decoded.images, "labels": decoded.labels, "classes": decoded.classes}, path)
+        return decoded
+
+    # -------------------------------------------------------------- dataloaders
+    def _device_batches(self, split: str, train: bool) -> DeviceBatches:
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        data: TensorImages = self.splits[split]
+        images, labels = data.images.to(device), data.labels.to(device)
+        return DeviceBatches(
+            images,
+            labels,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            spec=self.image_spec,
+            augment=self.augment if train else None,
+            shuffle=train,
+            drop_last=train,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+            seed=self.seed,
+        )
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        spec = self.image_spec
+        steps: list = [v2.ToImage(), v2.Resize(spec.size, antialias=True), v2.CenterCrop(spec.size)]
+        if train and self.augment.crop_padding > 0:
+            steps.append(v2.RandomCrop(spec.size, padding=self.augment.crop_padding, padding_mode="reflect"))
+        if train and self.augment.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
+        return DataLoader(
+            _Transformed(self.splits[split], v2.Compose(steps)),
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=_collate_readable,
+        )
+
+    def _batches(self, split: str, train: bool = False):
+        self.setup()
+        return self._device_batches(split, train) if self.on_device else self._loader(split, train)
+
+    def train_dataloader(self):
+        return self._batches("train", train=True)
+
+    def val_dataloader(self):
+        return self._batches("val" if "val" in self.splits else "test")
+
+    def test_dataloader(self):
+        return self._batches("test")

@@ -1,0 +1,157 @@
+"""Contrastive CLIP training on a labelled image dataset, with zero-shot validation and test."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
+
+from clipbench.data.templates import captions, resolve_templates
+from clipbench.losses import clip_loss
+from clipbench.models.backbone import CLIPBackbone
+from clipbench.zeroshot import class_embeddings, zeroshot_logits
+
+
+def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Gains, biases, embeddings' scalars and the temperature are not weight-decayed (as in CLIP)."""
+    return param.ndim < 2 or "logit_scale" in name or "bn" in name or "ln" in name or name.endswith(".bias")
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class CLIPTrainingModule(L.LightningModule):
+    """Trains a :class:`CLIPBackbone` with symmetric InfoNCE on captions made from class labels.
+
+    The backbone is given as its config (a ``_target_`` node), so a checkpoint carries what is
+    needed to rebuild it: ``CLIPTrainingModule.load_from_checkpoint(path)``.
+    """
+
+    def __init__(
+        self,
+        backbone: dict,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_fraction: float = 0.05,
+        min_lr_ratio: float = 0.0,
+        same_class_positives: bool = True,
+        train_templates: Any = "train",
+        eval_templates: Any = "train",
+        trainable: str = "all",
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters({"backbone": backbone})
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone: CLIPBackbone = instantiate(backbone)
+        self.train_templates = resolve_templates(train_templates)
+        self.eval_templates = resolve_templates(eval_templates)
+        if trainable == "projections":
+            self._freeze_all_but_projections()
+        elif trainable != "all":
+            raise ValueError(f"model.trainable must be 'all' or 'projections', got {trainable!r}")
+        self._step_fn = torch.compile(self._loss) if compile else self._loss
+        self.class_names: list[str] = []
+        self.classifier: Tensor | None = None
+
+    def _freeze_all_but_projections(self) -> None:
+        keep = {id(p) for p in self.backbone.projection_parameters().values()}
+        for p in self.backbone.parameters():
+            p.requires_grad_(id(p) in keep)
+
+    # ----------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        datamodule.setup(stage)
+        self.class_names = list(datamodule.class_names)
+        # Every caption training can draw, tokenised once: tokens[t * C + c] is template t, class c.
+        texts = [c for per_template in captions(self.train_templates, self.class_names) for c in per_template]
+        self.register_buffer("caption_tokens", self.backbone.tokenize(texts), persistent=False)
+        num_classes = len(self.class_names)
+        for split in ("val", "test"):
+            metrics = MetricCollection(
+                {
+                    "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                    "acc5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+                    "mean_recall": MulticlassRecall(num_classes, average="macro"),
+                },
+                prefix=f"{split}/",
+            )
+            setattr(self, f"{split}_metrics", metrics.to(self.device))
+
+    # --------------------------------------------------------------- training
+    def _loss(self, images: Tensor, labels: Tensor) -> Tensor:
+        num_classes = len(self.class_names)
+        template = torch.randint(len(self.train_templates), labels.shape, device=labels.device)
+        caption_ids = template * num_classes + labels
+        # Captions repeat heavily within a batch: encode each distinct caption once.
+        unique_ids, inverse = torch.unique(caption_ids, return_inverse=True)
+        text = self.backbone.encode_text(self.caption_tokens[unique_ids])[inverse]
+        image = self.backbone.encode_image(images)
+        image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+        if self.trainer.world_size > 1:
+            # Every rank computes the loss of the global batch; gathering with gradients makes the
+            # DDP-averaged gradient equal the single-process gradient of that loss.
+            image = self.all_gather(image, sync_grads=True).flatten(0, 1)
+            text = self.all_gather(text, sync_grads=True).flatten(0, 1)
+            labels = self.all_gather(labels).flatten()
+        return clip_loss(image, text, self.backbone.similarity_scale(), labels if self.hparams.same_class_positives else None)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        loss = self._step_fn(images, labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log("train/temperature", 1.0 / self.backbone.similarity_scale(), on_step=False, on_epoch=True)
+        return loss
+
+    # ------------------------------------------------------ zero-shot eval
+    def _refresh_classifier(self) -> None:
+        self.classifier = class_embeddings(self.backbone, self.class_names, self.eval_templates, self.device)
+
+    def on_validation_epoch_start(self) -> None:
+        self._refresh_classifier()
+
+    def on_test_epoch_start(self) -> None:
+        self._refresh_classifier()
+
+    def _zeroshot_step(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection) -> Tensor:
+        images, labels = batch
+        logits = zeroshot_logits(self.backbone.encode_image(images), self.classifier)
+        metrics.update(logits, labels)
+        self.log_dict(metrics, on_epoch=True, batch_size=len(labels))
+        return logits.argmax(dim=-1)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._zeroshot_step(batch, self.val_metrics)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._zeroshot_step(batch, self.test_metrics)
+
+    # -------------------------------------------------------------- optimiser
+    def configure_optimizers(self):
+        named = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": self.hparams.weight_decay},
+            {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = max(1, int(self.hparams.warmup_fraction * total))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, self.hparams.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

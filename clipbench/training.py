@@ -1,0 +1,47 @@
+"""``train.py``'s work: fit a CLIP from scratch, test it zero-shot, write the run's results."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from clipbench import runs
+from clipbench.modules.contrastive import CLIPTrainingModule
+
+OPTIM_KEYS = ("lr", "weight_decay", "betas", "eps", "warmup_fraction", "min_lr_ratio", "same_class_positives",
+              "train_templates", "eval_templates", "trainable", "compile")
+
+
+def build_module(model_cfg: DictConfig) -> CLIPTrainingModule:
+    # Plain containers, so checkpoints' hyper-parameters load without trusting omegaconf classes.
+    options = OmegaConf.to_container(model_cfg, resolve=True)
+    return CLIPTrainingModule(backbone=options["backbone"], **{k: options[k] for k in OPTIM_KEYS})
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    out = runs.start(cfg)
+    model = build_module(cfg.model)
+    datamodule = instantiate(cfg.data, _partial_=True)(image_spec=model.backbone.image_spec)
+    datamodule.setup()  # a missing or malformed dataset fails here, before any training
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=runs.instantiate_group(cfg.callbacks), logger=runs.instantiate_group(cfg.get("logger")) or False)
+    try:
+        for logger in trainer.loggers:
+            logger.log_hyperparams(dict(cfg))
+        started = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        train_time = time.perf_counter() - started
+        has_best = trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path
+        test_ckpt = "best" if cfg.test_ckpt == "best" and has_best else None
+        trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt)
+        metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        metrics["train_time_s"] = train_time
+        metrics["epochs"] = trainer.current_epoch
+        metrics["steps"] = trainer.global_step
+        if trainer.is_global_zero:
+            runs.write_metrics(out, metrics)
+        return {k: float(v) for k, v in metrics.items()}
+    finally:
+        runs.finish_loggers(trainer)
