@@ -29,7 +29,9 @@ class EpochHistory(L.Callback):
 
     @rank_zero_only
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step") and v.numel() == 1}
+        logged = trainer.callback_metrics
+        # A metric logged per step and per epoch appears as k, k_step and k_epoch: keep k_epoch.
+        metrics = {k: float(v) for k, v in logged.items() if not k.endswith("_step") and f"{k}_epoch" not in logged}
         self.rows.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
         self.output_dir.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(self.rows).to_csv(self.output_dir / "epochs.csv", index=False)

@@ -55,8 +55,7 @@ class CLIPTrainingModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters({"backbone": backbone})
-        self.save_hyperparameters(ignore=["backbone"])
+        self.save_hyperparameters()  # plain containers: the backbone config rebuilds the model
         self.backbone: CLIPBackbone = instantiate(backbone)
         self.train_templates = resolve_templates(train_templates)
         self.eval_templates = resolve_templates(eval_templates)
@@ -116,6 +115,7 @@ class CLIPTrainingModule(L.LightningModule):
         loss = self._step_fn(images, labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
         self.log("train/temperature", 1.0 / self.backbone.similarity_scale(), on_step=False, on_epoch=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
         return loss
 
     # ------------------------------------------------------ zero-shot eval
