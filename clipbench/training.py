@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from clipbench import runs
+from clipbench.hydra_ddp import ddp_job
 from clipbench.modules.contrastive import CLIPTrainingModule
 
 OPTIM_KEYS = ("lr", "weight_decay", "betas", "eps", "warmup_fraction", "min_lr_ratio", "same_class_positives",
@@ -26,22 +27,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = build_module(cfg.model)
     datamodule = instantiate(cfg.data, _partial_=True)(image_spec=model.backbone.image_spec)
     datamodule.setup()  # a missing or malformed dataset fails here, before any training
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=runs.instantiate_group(cfg.callbacks), logger=runs.instantiate_group(cfg.get("logger")) or False)
-    try:
-        for logger in trainer.loggers:
-            logger.log_hyperparams(dict(cfg))
-        started = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        train_time = time.perf_counter() - started
-        has_best = trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path
-        test_ckpt = "best" if cfg.test_ckpt == "best" and has_best else None
-        trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt)
-        metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-        metrics["train_time_s"] = train_time
-        metrics["epochs"] = trainer.current_epoch
-        metrics["steps"] = trainer.global_step
-        if trainer.is_global_zero:
-            runs.write_metrics(out, metrics)
-        return {k: float(v) for k, v in metrics.items()}
-    finally:
-        runs.finish_loggers(trainer)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=runs.instantiate_group(cfg.callbacks), logger=runs.instantiate_group(cfg.get("logger")) or False
+    )
+    with ddp_job():
+        try:
+            return _fit_and_test(cfg, out, model, datamodule, trainer)
+        finally:
+            runs.finish_loggers(trainer)
+
+
+def _fit_and_test(cfg: DictConfig, out, model: CLIPTrainingModule, datamodule, trainer: L.Trainer) -> dict[str, float]:
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    started = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    train_time = time.perf_counter() - started
+    has_best = trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path
+    trainer.test(model, datamodule=datamodule, ckpt_path="best" if cfg.test_ckpt == "best" and has_best else None)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    metrics.update(train_time_s=train_time, epochs=trainer.current_epoch, steps=trainer.global_step)
+    if trainer.is_global_zero:
+        runs.write_metrics(out, metrics)
+    return metrics

@@ -1,0 +1,49 @@
+"""Make Lightning's DDP launch safe inside a Hydra multirun.
+
+Lightning starts ranks 1..N-1 by re-running the script with ``sys.argv`` plus
+``hydra.run.dir=<HydraConfig.run.dir>``, and marks the parent as launched by setting ``LOCAL_RANK``
+and friends in ``os.environ``. In a multirun both go wrong (the known lightning-hydra-template
+problem): ``sys.argv`` is the whole sweep (``-m model.lr=1e-3,3e-3``), so every extra rank starts
+the whole sweep again, in a directory that is not the job's; and the next job in the same parent
+process finds ``LOCAL_RANK`` set, believes its ranks were launched externally, and waits for ranks
+that never come. :func:`ddp_job` fixes both.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import read_write
+
+
+def _pin_children_to_this_job() -> None:
+    """In a multirun job: children re-run exactly this job's overrides, in this job's directory."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg.run):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
+@contextmanager
+def ddp_job() -> Iterator[None]:
+    """Run one training job so that the next job of the same process starts its DDP afresh."""
+    argv, environ = list(sys.argv), dict(os.environ)
+    _pin_children_to_this_job()
+    try:
+        yield
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        sys.argv[:] = argv
+        os.environ.clear()
+        os.environ.update(environ)
