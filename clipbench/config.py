@@ -30,6 +30,9 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.crop_padding", lambda v: v >= 0, "non-negative"),
     ("trainer.max_epochs", lambda v: v == -1 or v > 0, "positive (or -1 for no limit)"),
     ("test_ckpt", lambda v: v in ("best", "last"), "'best' or 'last'"),
+    ("task.precision", lambda v: v in ("auto", "bf16", "fp16", "fp32"), "auto, bf16, fp16 or fp32"),
+    ("task.device", lambda v: v == "auto" or v.split(":")[0] in ("cpu", "cuda", "mps", "xpu"), "auto, cpu, cuda or cuda:<index>"),
+    ("task.silhouette_samples", lambda v: v > 1, "an integer above 1"),
 ]
 
 

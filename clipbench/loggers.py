@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
 
 
@@ -20,7 +21,7 @@ def _logged_in() -> bool:
 def wandb_logger(project: str, save_dir: str, name: str | None = None, group: str | None = None, tags: list | None = None) -> WandbLogger:
     """W&B logger: offline unless logged in (or WANDB_MODE says otherwise); multirun jobs share a
     group named after the sweep directory so the dashboard shows a sweep together."""
-    if group is None and HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+    if group is None and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         group = Path(HydraConfig.get().sweep.dir).name
     offline = os.environ.get("WANDB_MODE", "offline" if not _logged_in() else "online") == "offline"
     return WandbLogger(project=project, save_dir=save_dir, name=name or None, group=group, tags=list(tags or []), offline=offline, log_model=False)

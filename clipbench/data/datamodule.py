@@ -29,8 +29,13 @@ log = logging.getLogger(__name__)
 
 
 def _source(name: str, root: str | None, download: bool, seed: int, synthetic_samples: int) -> Callable[[str], Dataset]:
-    """split -> dataset, for the dataset called ``name``."""
-    needs_root = {"cifar10", "cifar100", "imagefolder"}
+    """``load(split=...)`` -> dataset, for the dataset called ``name`` (picklable, for spawned ranks)."""
+    # torchvision's benchmark datasets: (root, split, download) -> dataset, in torchvision's layout under root
+    torchvision = {
+        "food101": sources.food101, "caltech101": sources.caltech101, "oxford_pets": sources.oxford_pets, "stl10": sources.stl10,
+        "dtd": sources.dtd, "eurosat": sources.eurosat, "fashion_mnist": sources.fashion_mnist,
+    }
+    needs_root = {"cifar10", "cifar100", "imagefolder", *torchvision}
     if name in needs_root and not root:
         raise DataError(f"data.root must be set for data.name={name}")
     table: dict[str, Callable[[str], Dataset]] = {
@@ -39,10 +44,11 @@ def _source(name: str, root: str | None, download: bool, seed: int, synthetic_sa
         "cifar10": partial(sources.cifar, 10, root, download=download),
         "cifar100": partial(sources.cifar, 100, root, download=download),
         "imagefolder": partial(sources.image_folder, root),
+        **{name: partial(load, root, download=download) for name, load in torchvision.items()},
     }
     if name not in table:
         raise DataError(f"data.name={name!r} is unknown; choose one of {sorted(table)}")
-    return lambda split: table[name](split=split)
+    return table[name]
 
 
 class _Transformed(Dataset):
@@ -116,7 +122,7 @@ class CLIPDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        train, test = self._load("train"), self._load("test")
+        train, test = self._load(split="train"), self._load(split="test")
         if self.on_device:
             train, test = self._decoded(train, "train"), self._decoded(test, "test")
         self.class_names = list(train.classes)
@@ -127,6 +133,12 @@ class CLIPDataModule(L.LightningDataModule):
         if self.val_fraction <= 0:
             return {"train": train}
         labels = train.labels.numpy()
+        held_out, num_classes = round(self.val_fraction * len(labels)), len(train.classes)
+        if held_out < num_classes:
+            raise DataError(
+                f"data.val_fraction={self.val_fraction} holds out {held_out} of {len(labels)} training images, "
+                f"fewer than the {num_classes} classes; raise it, or set 0 to validate on the test split"
+            )
         fit_idx, val_idx = train_test_split(
             range(len(labels)), test_size=self.val_fraction, stratify=labels, random_state=self.seed
         )

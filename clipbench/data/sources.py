@@ -133,3 +133,117 @@ def cifar(num_classes: int, root: str | Path, split: str, download: bool) -> Dat
             f"or run online with data.download=true"
         ) from err
     return TensorImages(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes)
+
+
+# ------------------------------------------------------------------ torchvision benchmark datasets
+# Each loads torchvision's on-disk layout under data.root (downloading it with data.download=true when
+# online). File-based datasets become a ListedImages, read lazily and decoded (and cached) like a
+# class-folder tree; array-based ones become TensorImages.
+
+SPLIT_SEED = 0  # fixed, not ${seed}: a dataset without an official split always has the same test set
+
+
+class ListedImages(FolderImages):
+    """Image files named by a list of (path, label): a torchvision dataset's index, read like a tree."""
+
+    def __init__(self, samples: Sequence[tuple[str | Path, int]], classes: Sequence[str]) -> None:
+        self.samples = [(Path(path), int(label)) for path, label in samples]
+        self.classes = list(classes)
+        self.labels = torch.tensor([label for _, label in self.samples])
+
+
+def _torchvision(name: str, layout: str, root: Path, build):
+    """``build()`` a torchvision dataset; its "not found" (or a failed download) becomes a DataError."""
+    try:
+        return build()
+    except (RuntimeError, OSError) as err:  # torchvision: "Dataset not found"; urllib: no network
+        raise DataError(
+            f"{name} not found at data.root={root} and could not be downloaded ({err}). Place torchvision's "
+            f"files there ({layout}), point data.root at such a copy, or run online with data.download=true"
+        ) from err
+
+
+def _stratified_split(labels: Sequence[int], split: str, test_fraction: float = 0.2) -> np.ndarray:
+    """Indices of ``split`` under a fixed stratified train/test split (for datasets without one)."""
+    from sklearn.model_selection import train_test_split
+
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=SPLIT_SEED
+    )
+    return np.sort(train_idx if split == "train" else test_idx)
+
+
+def food101(root: str | Path, split: str, download: bool) -> ListedImages:
+    """Food-101: 75,750 train / 25,250 test photos, 101 dishes (official split)."""
+    from torchvision.datasets import Food101
+
+    root = Path(root).expanduser()
+    ds = _torchvision("Food-101", "<root>/food-101/images and <root>/food-101/meta", root,
+                      lambda: Food101(str(root), split=split, download=download))
+    return ListedImages(zip(ds._image_files, ds._labels), ds.classes)
+
+
+def caltech101(root: str | Path, split: str, download: bool) -> ListedImages:
+    """Caltech-101: 8,677 images of 101 objects (torchvision drops BACKGROUND_Google). No official
+    split: a stratified 80/20 train/test split with a fixed seed (:data:`SPLIT_SEED`)."""
+    from torchvision.datasets import Caltech101
+
+    root = Path(root).expanduser()
+    ds = _torchvision("Caltech-101", "<root>/caltech101/101_ObjectCategories/<class>/image_NNNN.jpg", root,
+                      lambda: Caltech101(str(root), target_type="category", download=download))
+    folder = Path(ds.root) / "101_ObjectCategories"
+    files = [folder / ds.categories[y] / f"image_{i:04d}.jpg" for i, y in zip(ds.index, ds.y)]
+    chosen = _stratified_split(ds.y, split)
+    return ListedImages([(files[i], ds.y[i]) for i in chosen], ds.categories)
+
+
+def oxford_pets(root: str | Path, split: str, download: bool) -> ListedImages:
+    """Oxford-IIIT Pets: 37 breeds; train is the official trainval (3,680), test 3,669."""
+    from torchvision.datasets import OxfordIIITPet
+
+    root = Path(root).expanduser()
+    tv_split = "trainval" if split == "train" else "test"
+    ds = _torchvision("Oxford-IIIT Pets", "<root>/oxford-iiit-pet/images and <root>/oxford-iiit-pet/annotations", root,
+                      lambda: OxfordIIITPet(str(root), split=tv_split, target_types="category", download=download))
+    return ListedImages(zip(ds._images, ds._labels), ds.classes)
+
+
+def dtd(root: str | Path, split: str, download: bool) -> ListedImages:
+    """Describable Textures, partition 1: 47 textures; train is train+val (3,760), test 1,880."""
+    from torchvision.datasets import DTD
+
+    root = Path(root).expanduser()
+    parts = ("train", "val") if split == "train" else ("test",)
+    layout = "<root>/dtd/dtd/images and <root>/dtd/dtd/labels"
+    sets = [_torchvision("DTD", layout, root, lambda p=p: DTD(str(root), split=p, partition=1, download=download)) for p in parts]
+    return ListedImages([s for ds in sets for s in zip(ds._image_files, ds._labels)], sets[0].classes)
+
+
+def eurosat(root: str | Path, split: str, download: bool) -> ListedImages:
+    """EuroSAT RGB: 27,000 64x64 satellite tiles, 10 land-use classes. No official split: a stratified
+    80/20 train/test split with a fixed seed (:data:`SPLIT_SEED`), 5,400 test tiles."""
+    from torchvision.datasets import EuroSAT
+
+    root = Path(root).expanduser()
+    ds = _torchvision("EuroSAT", "<root>/eurosat/2750/<class>/*.jpg", root, lambda: EuroSAT(str(root), download=download))
+    chosen = _stratified_split(ds.targets, split)
+    return ListedImages([ds.samples[i] for i in chosen], ds.classes)
+
+
+def stl10(root: str | Path, split: str, download: bool) -> TensorImages:
+    """STL-10: 96x96 images, 10 classes, 5,000 train / 8,000 test (the unlabelled split is not used)."""
+    from torchvision.datasets import STL10
+
+    root = Path(root).expanduser()
+    ds = _torchvision("STL-10", "<root>/stl10_binary/*.bin", root, lambda: STL10(str(root), split=split, download=download))
+    return TensorImages(torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64)), ds.classes)
+
+
+def fashion_mnist(root: str | Path, split: str, download: bool) -> TensorImages:
+    """Fashion-MNIST: 28x28 grayscale (repeated to RGB), 10 classes, 60,000 train / 10,000 test."""
+    from torchvision.datasets import FashionMNIST
+
+    root = Path(root).expanduser()
+    ds = _torchvision("Fashion-MNIST", "<root>/FashionMNIST/raw/*-ubyte", root,
+                      lambda: FashionMNIST(str(root), train=split == "train", download=download))
+    return TensorImages(ds.data.unsqueeze(1).expand(-1, 3, -1, -1).contiguous(), ds.targets, ds.classes)

@@ -1,0 +1,60 @@
+"""Two CPU processes (gloo) on half-batches give the loss and gradients of one process on the
+whole global batch: features are gathered across ranks with their gradients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from clipbench.data.datamodule import CLIPDataModule
+from clipbench.training import build_module
+from conftest import compose_config
+
+GLOBAL_BATCH = 32
+
+
+class FirstStepRecorder(L.Callback):
+    """Saves, per rank, the first step's loss and the gradients as the optimiser will see them."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+        loss = trainer.callback_metrics["train/loss_step"].item()
+        torch.save({"loss": loss, "grads": grads}, self.out / f"rank{trainer.global_rank}.pt")
+
+
+def _first_step(cfg, devices: int, out: Path) -> list[dict]:
+    out.mkdir(parents=True)
+    L.seed_everything(0)
+    model = build_module(cfg.model)
+    datamodule = CLIPDataModule("synthetic", model.backbone.image_spec, batch_size=GLOBAL_BATCH // devices, val_fraction=0.0, crop_padding=0, hflip=False, synthetic_samples=64)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_steps=1,
+        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[FirstStepRecorder(out)],
+    )
+    trainer.fit(model, datamodule=datamodule)
+    return [torch.load(out / f"rank{r}.pt") for r in range(devices)]
+
+
+def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, cache_dir):
+    # LayerNorm-only ViT (BatchNorm statistics are per rank unless trainer.sync_batchnorm), one
+    # template so that captions follow from labels, no augmentation: the data are the same.
+    cfg = compose_config(
+        "train",
+        ["model=clip_vit", "model.train_templates=single", "model.backbone.embed_dim=32", "model.backbone.text_width=32",
+         "model.backbone.text_layers=1", "model.backbone.text_heads=2", "model.backbone.image_tower.width=32",
+         "model.backbone.image_tower.layers=1", "model.backbone.image_tower.heads=2"],
+        tmp_path, cache_dir,
+    )
+    (single,) = _first_step(cfg, 1, tmp_path / "single")
+    ranks = _first_step(cfg, 2, tmp_path / "ddp")
+    for rank in ranks:
+        assert abs(rank["loss"] - single["loss"]) < 1e-5
+        assert rank["grads"].keys() == single["grads"].keys()
+        for name, grad in single["grads"].items():
+            torch.testing.assert_close(rank["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
