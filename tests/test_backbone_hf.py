@@ -1,0 +1,150 @@
+"""Hugging Face CLIP / SigLIP backbones, on tiny random models saved the way a user would save them."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from open_clip.tokenizer import SimpleTokenizer
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTokenizer,
+    PreTrainedTokenizerFast,
+    SiglipConfig,
+    SiglipImageProcessor,
+    SiglipModel,
+)
+
+from clipbench.models.attention import record_attention
+from clipbench.models.backbone import CLIP_MEAN
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+VISION = dict(TOWER, image_size=32, patch_size=16)
+SIGLIP_WORDS = ["<pad>", "</s>", "<unk>", "▁a", "▁photo", "▁of", "▁cat", "▁dog"]
+
+
+def _clip_tokenizer() -> CLIPTokenizer:
+    """CLIP's BPE tokenizer built from the vocabulary bundled with open_clip (no download)."""
+    simple = SimpleTokenizer()
+    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {rename.get(token, token): index for token, index in simple.encoder.items()}
+    merges = [pair for pair, _ in sorted(simple.bpe_ranks.items(), key=lambda item: item[1])]
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def _siglip_tokenizer() -> PreTrainedTokenizerFast:
+    """A stand-in for SigLIP's SentencePiece tokenizer (``sentencepiece`` is not installed here): a
+    word-level ``tokenizers`` model with the same conventions (lower case, "▁" word prefix, "</s>"
+    appended, "</s>" as padding)."""
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SIGLIP_WORDS)}, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("hf_clip"))
+    config = CLIPConfig(text_config=dict(TOWER, vocab_size=49408), vision_config=VISION, projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(path)
+    _clip_tokenizer().save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("hf_siglip"))
+    special = dict(pad_token_id=1, eos_token_id=1, bos_token_id=None)  # "</s>", as in the tokenizer
+    text = dict(TOWER, vocab_size=len(SIGLIP_WORDS), max_position_embeddings=64, **special)
+    torch.manual_seed(0)
+    SiglipModel(SiglipConfig(text_config=text, vision_config=VISION)).save_pretrained(path)
+    _siglip_tokenizer().save_pretrained(path)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def _load(config_name: str, name_or_path: str):
+    """The user's path: the model config's backbone node with name_or_path overridden."""
+    return instantiate(OmegaConf.load(CONF / f"{config_name}.yaml").backbone, name_or_path=name_or_path)
+
+
+def _check_against_transformers(backbone, reference, context_length: int) -> None:
+    images = torch.randn(2, 3, 32, 32)
+    tokens = backbone.tokenize(["a photo of a cat", "a dog"])
+    assert tokens.shape == (2, context_length)
+    with torch.no_grad():
+        image_emb, text_emb = backbone.encode_image(images), backbone.encode_text(tokens)
+        assert image_emb.shape == text_emb.shape == (2, backbone.embed_dim)
+        torch.testing.assert_close(image_emb, reference.get_image_features(pixel_values=images).pooler_output)
+        torch.testing.assert_close(text_emb, reference.get_text_features(input_ids=tokens).pooler_output)
+
+
+def test_clip_matches_transformers(clip_dir):
+    backbone = _load("hf_clip", clip_dir)
+    assert backbone.embed_dim == 16
+    assert backbone.image_spec.size == 32 and backbone.image_spec.mean == CLIP_MEAN
+    assert backbone.image_spec.interpolation == "bicubic"
+    _check_against_transformers(backbone, CLIPModel.from_pretrained(clip_dir).eval(), context_length=77)
+    # CLIP's tokenizer rebuilt from open_clip's vocabulary gives CLIP's ids (open_clip pads with 0, HF with EOT).
+    tokens = backbone.tokenize(["a photo of a cat"])
+    reference = SimpleTokenizer()(["a photo of a cat"])
+    assert torch.equal(tokens[0, :7], reference[0, :7])
+    assert backbone.projection_matrix("image").shape == (32, 16)
+    assert backbone.projection_matrix("text").shape == (32, 16)
+    assert set(backbone.projection_parameters()) == {"image.visual_projection.weight", "text.text_projection.weight"}
+    assert backbone.logit_bias() is None and backbone.logit_scale.shape == ()
+
+
+def test_siglip_matches_transformers(siglip_dir):
+    backbone = _load("hf_siglip", siglip_dir)
+    assert backbone.embed_dim == 32
+    assert backbone.image_spec.size == 32 and backbone.image_spec.mean == (0.5, 0.5, 0.5)
+    _check_against_transformers(backbone, SiglipModel.from_pretrained(siglip_dir).eval(), context_length=64)
+    assert backbone.projection_matrix("image").shape == (64, 32)  # head.mlp.fc2: intermediate -> width
+    assert backbone.projection_matrix("text").shape == (32, 32)  # text head: width -> projection_size
+    assert set(backbone.projection_parameters()) == {
+        "image.vision_model.head.mlp.fc2.weight",
+        "image.vision_model.head.mlp.fc2.bias",
+        "text.text_model.head.weight",
+        "text.text_model.head.bias",
+    }
+    assert backbone.logit_bias().shape == () and backbone.logit_scale.shape == ()
+
+
+# CLIP's vision tokens: a class token and 2x2 patches; SigLIP has no class token.
+@pytest.mark.parametrize(("config_name", "tokens"), [("hf_clip", 5), ("hf_siglip", 4)])
+def test_attention_recorder(config_name, tokens, clip_dir, siglip_dir):
+    backbone = _load(config_name, clip_dir if config_name == "hf_clip" else siglip_dir)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = backbone.encode_image(images)
+    with record_attention(backbone) as records:
+        recorded = backbone.encode_image(images)
+    torch.testing.assert_close(recorded, plain, atol=1e-5, rtol=1e-5)
+    assert len(records) == 2
+    assert records[0].weights.shape == (2, 2, tokens, tokens) and records[0].output.shape == (2, tokens, 32)
+    grads = torch.autograd.grad(recorded.sum(), [record.weights for record in records])
+    assert all(grad.abs().sum() > 0 for grad in grads)
+
+
+def test_offline_hub_id_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(InstantiationException) as failure:  # hydra wraps the builder's error
+        _load("hf_clip", "openai/clip-vit-base-patch32")
+    assert time.perf_counter() - start < 3
+    assert isinstance(failure.value.__cause__, OSError)
+    assert "'openai/clip-vit-base-patch32'" in str(failure.value.__cause__)
+    assert "model.backbone.name_or_path=DIR" in str(failure.value.__cause__)
