@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from clipbench import runs
 from clipbench.config import ConfigError
@@ -20,12 +20,17 @@ def model_entries(cfg: DictConfig) -> dict[str, DictConfig]:
     if cfg.task.get("models"):
         if cfg.ckpt_path:
             raise ConfigError("ckpt_path names the single `model`; with task.models, set task.models.<name>.backbone.path instead")
-        return dict(cfg.task.models)
-    if cfg.ckpt_path:
-        if cfg.model.backbone.get("_target_") != CLIPBENCH_CHECKPOINT:
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path} is shorthand for model=clipbench, but model={cfg.model_name}")
-        cfg.model.backbone.path = cfg.ckpt_path
-    return {cfg.model_name: cfg.model}
+        entries = dict(cfg.task.models)
+    else:
+        if cfg.ckpt_path:
+            if cfg.model.backbone.get("_target_") != CLIPBENCH_CHECKPOINT:
+                raise ConfigError(f"ckpt_path={cfg.ckpt_path} is shorthand for model=clipbench, but model={cfg.model_name}")
+            cfg.model.backbone.path = cfg.ckpt_path
+        entries = {cfg.model_name: cfg.model}
+    missing = sorted(key for model in entries.values() for key in OmegaConf.missing_keys(model))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} must be set (for a train.py checkpoint: ckpt_path=<path to .ckpt>)")
+    return entries
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

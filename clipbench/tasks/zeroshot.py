@@ -124,15 +124,14 @@ def zeroshot(
     names = list(class_names) if class_names is not None else list(dataset_names)
     if len(names) != len(dataset_names):
         raise ConfigError(f"task.class_names has {len(names)} names but data.name={datamodule.name} has {len(dataset_names)} classes")
-    cached = cache_dir is not None and model_id is not None and cache_file(
-        cache_dir, model_id, datamodule, split, autocast_dtype(precision, device)
-    ).exists()
+    dtype = autocast_dtype(precision, device)
+    cached = cache_dir is not None and model_id is not None and cache_file(cache_dir, model_id, datamodule, split, dtype).exists()
     started = time.perf_counter()
     features, labels = image_embeddings(
         backbone, datamodule, split, device=device, precision=precision, cache_dir=cache_dir, model_id=model_id
     )
     seconds = time.perf_counter() - started
-    with inference(device, autocast_dtype(precision, device)):
+    with inference(device, dtype):
         classifier = class_embeddings(backbone, names, templates, device)
     logits = zeroshot_logits(features, classifier.float().cpu())
     metrics = classification_metrics(logits, labels)
@@ -186,7 +185,7 @@ def run(cfg: DictConfig, models: Mapping[str, DictConfig], out: Path) -> dict[st
     task = cfg.task
     try:
         templates = resolve_templates(task.templates)
-    except ValueError as err:
+    except (ValueError, KeyError) as err:  # KeyError: a JSON object without "templates"
         raise ConfigError(f"task.templates={task.templates} is invalid: {err}") from err
     class_names = load_class_names(task.class_names)
     device = resolve_device(task.device)
