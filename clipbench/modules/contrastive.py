@@ -94,12 +94,8 @@ class CLIPTrainingModule(L.LightningModule):
 
     # --------------------------------------------------------------- training
     def _loss(self, images: Tensor, labels: Tensor) -> Tensor:
-        num_classes = len(self.class_names)
         template = torch.randint(len(self.train_templates), labels.shape, device=labels.device)
-        caption_ids = template * num_classes + labels
-        # Captions repeat heavily within a batch: encode each distinct caption once.
-        unique_ids, inverse = torch.unique(caption_ids, return_inverse=True)
-        text = self.backbone.encode_text(self.caption_tokens[unique_ids])[inverse]
+        text = self._caption_features(template * len(self.class_names) + labels)
         image = self.backbone.encode_image(images)
         image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
         if self.trainer.world_size > 1:
@@ -110,10 +106,23 @@ class CLIPTrainingModule(L.LightningModule):
             labels = self.all_gather(labels).flatten()
         return clip_loss(image, text, self.backbone.similarity_scale(), labels if self.hparams.same_class_positives else None)
 
+    def _caption_features(self, caption_ids: Tensor) -> Tensor:
+        """Text features of the captions ``caption_ids`` index into ``caption_tokens``.
+
+        Captions repeat heavily within a batch. When there are no more possible captions than
+        samples, encode them all: a fixed shape (no recompiles under ``compile``) and no host sync.
+        Otherwise encode each distinct caption of the batch once.
+        """
+        if len(self.caption_tokens) <= len(caption_ids):
+            return self.backbone.encode_text(self.caption_tokens)[caption_ids]
+        unique_ids, inverse = torch.unique(caption_ids, return_inverse=True)
+        return self.backbone.encode_text(self.caption_tokens[unique_ids])[inverse]
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         loss = self._step_fn(images, labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        # Not on the progress bar per step: showing it would sync the device every step.
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(labels))
         self.log("train/temperature", 1.0 / self.backbone.similarity_scale(), on_step=False, on_epoch=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True)
         return loss
@@ -132,7 +141,7 @@ class CLIPTrainingModule(L.LightningModule):
         images, labels = batch
         logits = zeroshot_logits(self.backbone.encode_image(images), self.classifier)
         metrics.update(logits, labels)
-        self.log_dict(metrics, on_epoch=True, batch_size=len(labels))
+        self.log_dict(metrics, on_epoch=True, prog_bar=True, batch_size=len(labels))
         return logits.argmax(dim=-1)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
