@@ -12,14 +12,12 @@ from clipbench import runs
 from clipbench.hydra_ddp import ddp_job
 from clipbench.modules.contrastive import CLIPTrainingModule
 
-OPTIM_KEYS = ("lr", "weight_decay", "betas", "eps", "warmup_fraction", "min_lr_ratio", "same_class_positives",
-              "train_templates", "eval_templates", "trainable", "compile")
-
-
 def build_module(model_cfg: DictConfig) -> CLIPTrainingModule:
-    # Plain containers, so checkpoints' hyper-parameters load without trusting omegaconf classes.
-    options = OmegaConf.to_container(model_cfg, resolve=True)
-    return CLIPTrainingModule(backbone=options["backbone"], **{k: options[k] for k in OPTIM_KEYS})
+    """The ``model`` config's keys are the module's arguments (a backbone config and optimisation).
+
+    Plain containers, so checkpoints' hyper-parameters load without trusting omegaconf classes.
+    """
+    return CLIPTrainingModule(**OmegaConf.to_container(model_cfg, resolve=True))
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -28,25 +28,11 @@ from clipbench.training import train
 from conftest import compose_config
 
 CPU = torch.device("cpu")
-TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-TINY = {
-    "clipbench-zs-vit": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "clipbench-zs-rn": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
-}
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> dict[str, Path]:
-    """Tiny open_clip architectures, registered; a saved random state dict for each (``pretrained=<file>``)."""
-    root = tmp_path_factory.mktemp("open_clip")
-    paths = {}
-    for name, vision in TINY.items():
-        (root / f"{name}.json").write_text(json.dumps({"embed_dim": 16, "vision_cfg": vision, "text_cfg": TEXT}))
-        open_clip.add_model_config(root / f"{name}.json")
-        torch.manual_seed(0)
-        paths[name] = root / f"{name}.pt"
-        torch.save(open_clip.create_model(name).state_dict(), paths[name])
-    return paths
+def weights(open_clip_weights) -> dict[str, Path]:
+    return open_clip_weights
 
 
 def _digits(spec: ImageSpec) -> EvalDataModule:
@@ -58,12 +44,12 @@ def _open_clip_model(name: str, weights: dict[str, Path]) -> list[str]:
 
 
 def test_matches_open_clips_zero_shot_classifier(weights):
-    backbone = OpenCLIP("clipbench-zs-vit", str(weights["clipbench-zs-vit"]))
+    backbone = OpenCLIP("clipbench-tiny-vit", str(weights["clipbench-tiny-vit"]))
     data = _digits(backbone.image_spec)
     result = zeroshot(backbone, data, OPENAI_CIFAR_TEMPLATES, device=CPU, precision="fp32")
 
     # open_clip's own protocol on the same model, templates and preprocessed images
-    model, tokenizer = backbone.model, open_clip.get_tokenizer("clipbench-zs-vit")
+    model, tokenizer = backbone.model, open_clip.get_tokenizer("clipbench-tiny-vit")
     classifier = build_zero_shot_classifier(model, tokenizer, data.class_names, OPENAI_CIFAR_TEMPLATES, device=CPU)
     with torch.no_grad():
         images, labels = zip(*data.eval_batches("test", CPU))
@@ -100,9 +86,9 @@ class CountingOpenCLIP(OpenCLIP):
 
 def test_second_run_reads_image_embeddings_from_the_cache(weights, tmp_path):
     path = tmp_path / "weights.pt"
-    path.write_bytes(weights["clipbench-zs-vit"].read_bytes())
-    config = {"_target_": "CountingOpenCLIP", "model_name": "clipbench-zs-vit", "pretrained": str(path)}
-    backbone = CountingOpenCLIP("clipbench-zs-vit", str(path))
+    path.write_bytes(weights["clipbench-tiny-vit"].read_bytes())
+    config = {"_target_": "CountingOpenCLIP", "model_name": "clipbench-tiny-vit", "pretrained": str(path)}
+    backbone = CountingOpenCLIP("clipbench-tiny-vit", str(path))
     options = dict(device=CPU, precision="fp32", cache_dir=tmp_path / "cache", model_id=model_identity(config))
 
     first = image_embeddings(backbone, _digits(backbone.image_spec), **options)
@@ -116,7 +102,7 @@ def test_second_run_reads_image_embeddings_from_the_cache(weights, tmp_path):
 
     # Weights rewritten at the same path (a retrained last.ckpt) are a different model.
     time.sleep(0.01)
-    torch.save(open_clip.create_model("clipbench-zs-vit").state_dict(), path)
+    torch.save(open_clip.create_model("clipbench-tiny-vit").state_dict(), path)
     options["model_id"] = model_identity(config)
     image_embeddings(backbone, _digits(backbone.image_spec), **options)
     assert CountingOpenCLIP.calls > encoded
@@ -124,7 +110,7 @@ def test_second_run_reads_image_embeddings_from_the_cache(weights, tmp_path):
 
 def test_several_models_side_by_side(weights, tmp_path, cache_dir):
     overrides = ["data=digits", "task.templates=single"]
-    for name in TINY:
+    for name in weights:
         short = name.rsplit("-", 1)[1]
         overrides += [f"+model@task.models.{short}=open_clip", f"task.models.{short}.backbone.model_name={name}",
                       f"task.models.{short}.backbone.pretrained={weights[name]}"]
@@ -163,11 +149,11 @@ def test_user_json_of_templates_and_class_names(weights, tmp_path):
     templates = ["a handwritten {}.", "the number {}."]
     spec = tmp_path / "prompts.json"
     spec.write_text(json.dumps({"templates": templates, "classnames": names}))
-    overrides = [*_open_clip_model("clipbench-zs-vit", weights), f"task.templates={spec}", f"task.class_names={spec}"]
+    overrides = [*_open_clip_model("clipbench-tiny-vit", weights), f"task.templates={spec}", f"task.class_names={spec}"]
     metrics = evaluate(compose_config("evaluate", overrides, tmp_path, tmp_path / "cache"))
 
     assert list(pd.read_csv(tmp_path / "digits_per_class.csv")["class"]) == names
-    backbone = OpenCLIP("clipbench-zs-vit", str(weights["clipbench-zs-vit"]))
+    backbone = OpenCLIP("clipbench-tiny-vit", str(weights["clipbench-tiny-vit"]))
     expected = zeroshot(backbone, _digits(backbone.image_spec), templates, class_names=names, device=CPU, precision="fp32")
     assert metrics["test/acc1"] == pytest.approx(expected.acc1, abs=1e-6)
     assert metrics["test/acc5"] == pytest.approx(expected.acc5, abs=1e-6)

@@ -1,0 +1,204 @@
+"""Shared by the benchmark scripts: describe the device, compose configs, print and save results.
+
+Each benchmark writes ``benchmarks/results/<name>_<device-slug>.json`` (device, torch version, date,
+parameters, rows) and a markdown table next to it (``.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CONF_DIR = REPO_ROOT / "conf"
+
+if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` from anywhere imports clipbench
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+# ------------------------------------------------------------------------------------------ device
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="where to run (default: cuda when available, else cpu)")
+
+
+def resolve_device(choice: str | None) -> str:
+    import torch
+
+    if choice is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch on this machine")
+    return choice
+
+
+def describe_device(device: str) -> dict[str, Any]:
+    """What the numbers were measured on: enough to tell two result files apart."""
+    import torch
+
+    info: dict[str, Any] = {
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        # Other jobs on a shared machine skew CPU timings: the 1/5/15-minute load at the start.
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import lightning
+
+        info["lightning"] = lightning.__version__
+    except ImportError:
+        pass
+    if device == "cuda":
+        info["name"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    else:
+        info["name"] = f"{info['cpu']} x{info['cpu_count']} cores"
+    info["git_commit"] = _git_commit()
+    return info
+
+
+def device_slug(info: dict[str, Any]) -> str:
+    if info["device"] == "cpu":
+        return "cpu"
+    return "cuda-" + re.sub(r"[^a-z0-9]+", "-", info["name"].lower()).strip("-")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------ config
+def compose_train(overrides: Sequence[str], tmp_dir: str | Path, config_name: str = "train"):
+    """Compose ``conf/<config_name>.yaml`` outside a Hydra run.
+
+    ``conf/paths`` uses ``${hydra:runtime...}`` resolvers that only exist inside ``@hydra.main``, so
+    the path keys are pinned to explicit directories here.
+    """
+    from hydra import compose, initialize_config_dir
+
+    tmp_dir = Path(tmp_dir)
+    pinned = [
+        f"paths.root_dir={REPO_ROOT}",
+        f"paths.output_dir={tmp_dir / 'run'}",
+        f"paths.cache_dir={tmp_dir / 'cache'}",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name, overrides=[*pinned, *overrides])
+
+
+# ----------------------------------------------------------------------------------------- results
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    if not rows:
+        return "(no rows)\n"
+    columns = list(columns or rows[0].keys())
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def save_results(
+    name: str,
+    info: dict[str, Any],
+    params: dict[str, Any],
+    rows: Sequence[dict[str, Any]],
+    summary: dict[str, Any] | None = None,
+    notes: Sequence[str] = (),
+    columns: Sequence[str] | None = None,
+    suffix: str = "",
+) -> Path:
+    """Print the table and write ``<name>_<slug><suffix>.json`` and ``.md`` under benchmarks/results."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}_{device_slug(info)}{suffix}"
+    record = {
+        "benchmark": name,
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": info,
+        "params": params,
+        "summary": summary or {},
+        "rows": list(rows),
+        "notes": list(notes),
+        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    json_path = RESULTS_DIR / f"{stem}.json"
+    json_path.write_text(json.dumps(record, indent=2, default=str))
+    table = markdown_table(rows, columns)
+    md = [f"# {name} on {info['name']}", "", f"{record['date']}, torch {info['torch']}, `{record['command']}`", "", table]
+    if summary:
+        md += ["", markdown_table([summary])]
+    if notes:
+        md += [""] + [f"- {n}" for n in notes]
+    (RESULTS_DIR / f"{stem}.md").write_text("\n".join(md) + "\n")
+    print()
+    print(table)
+    if summary:
+        print(markdown_table([summary]))
+    for n in notes:
+        print(f"- {n}")
+    print(f"saved {json_path.relative_to(REPO_ROOT)} (+ .md)")
+    return json_path
+
+
+def run_train_subprocess(overrides: Sequence[str], run_dir: Path, log_path: Path, timeout: float | None = None,
+                         env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``python train.py <overrides> hydra.run.dir=<run_dir>`` in a fresh process; wall clock, exit code
+    and the run's ``metrics.json``."""
+    import time
+
+    cmd = [sys.executable, str(REPO_ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        try:
+            proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
+                                  env={**os.environ, **(env or {})})
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    wall = time.perf_counter() - started
+    metrics_path = Path(run_dir) / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    return {"cmd": " ".join(cmd[1:]), "rc": rc, "wall_s": wall, "metrics": metrics, "log": str(log_path)}
+
+
+def tail(path: str | Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
