@@ -6,6 +6,7 @@ group options (``model=nope``) by Hydra's config search; this module checks *val
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
@@ -36,7 +37,17 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
 ]
 
 
+def _check_combinations(cfg: DictConfig) -> None:
+    """Values that are fine alone but impossible together, and paths that must exist."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and not Path(ckpt_path).expanduser().is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file (train.py writes them under <run dir>/checkpoints/)")
+    if OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False) and OmegaConf.select(cfg, "trainer.accelerator") == "cpu":
+        raise ConfigError("trainer.sync_batchnorm=true needs GPUs (SyncBatchNorm is CUDA-only); set trainer.sync_batchnorm=false for DDP on CPUs")
+
+
 def validate(cfg: DictConfig) -> None:
+    _check_combinations(cfg)
     for key, ok, expected in RULES:
         value = OmegaConf.select(cfg, key, default=None)
         if value is None:

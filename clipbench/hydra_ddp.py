@@ -6,7 +6,8 @@ and friends in ``os.environ``. In a multirun both go wrong (the known lightning-
 problem): ``sys.argv`` is the whole sweep (``-m model.lr=1e-3,3e-3``), so every extra rank starts
 the whole sweep again, in a directory that is not the job's; and the next job in the same parent
 process finds ``LOCAL_RANK`` set, believes its ranks were launched externally, and waits for ranks
-that never come. :func:`ddp_job` fixes both.
+that never come. And when a job fails, its extra ranks wait forever for rank 0, until Lightning's
+watchdog sees one exit and kills the whole process, ending the sweep. :func:`ddp_job` fixes all three.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
+import lightning as L
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -34,13 +36,30 @@ def _pin_children_to_this_job() -> None:
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 
 
+def _stop_children(trainer: L.Trainer) -> None:
+    """Stop this job's extra ranks. Lightning's watchdog thread watches the very list
+    ``launcher.procs``: emptying it first tells the watchdog the job is over, so stopping the
+    children does not make it kill this process (and the sweep) too."""
+    launcher = trainer.strategy.launcher
+    children = list(getattr(launcher, "procs", []))
+    if not children:
+        return
+    launcher.procs.clear()
+    for child in children:
+        child.kill()
+        child.wait()
+
+
 @contextmanager
-def ddp_job() -> Iterator[None]:
+def ddp_job(trainer: L.Trainer) -> Iterator[None]:
     """Run one training job so that the next job of the same process starts its DDP afresh."""
     argv, environ = list(sys.argv), dict(os.environ)
     _pin_children_to_this_job()
     try:
         yield
+    except BaseException:
+        _stop_children(trainer)
+        raise
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -1,4 +1,9 @@
-"""Sweep summaries: after a Hydra multirun, one table and one plot at the sweep directory."""
+"""Sweep summaries: after each job of a Hydra multirun, one table and one plot at the sweep directory.
+
+Written after every job rather than once at the end: Hydra re-raises a failed job's error before
+its end-of-sweep hook, so a summary written only there would be lost with one bad job. A failed
+job gets a row too, with its error, and the sweep's other jobs still count.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +13,29 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from clipbench import plots
 
 log = logging.getLogger(__name__)
+ERROR_FILE = "error.txt"
 
 
 def collect(sweep_dir: Path) -> pd.DataFrame:
-    """One row per job: its command-line overrides and its final metrics (``metrics.json``)."""
+    """One row per finished job: its command-line overrides, status, and final metrics or error."""
     rows = []
-    for metrics_file in sorted(sweep_dir.glob("*/metrics.json")):
-        job_dir = metrics_file.parent
+    for job_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
+        metrics, error = job_dir / "metrics.json", job_dir / ERROR_FILE
+        if not (metrics.exists() or error.exists()):
+            continue  # not finished yet
         overrides_file = job_dir / ".hydra" / "overrides.yaml"
         overrides = OmegaConf.load(overrides_file) if overrides_file.exists() else []
-        params = dict(o.split("=", 1) for o in overrides if "=" in o)
-        rows.append({"job": job_dir.name, **{k: _number(v) for k, v in params.items()}, **json.loads(metrics_file.read_text())})
+        params = {k: _number(v) for k, v in (o.split("=", 1) for o in overrides if "=" in o)}
+        outcome = {"status": "ok", **json.loads(metrics.read_text())} if metrics.exists() else {"status": "failed", "error": error.read_text()}
+        rows.append({"job": job_dir.name, **params, **outcome})
     return pd.DataFrame(rows)
 
 
@@ -35,18 +46,28 @@ def _number(text: str) -> Any:
         return text
 
 
-class SweepSummary(Callback):
-    """Hydra callback: writes ``summary.csv`` and ``summary.png`` when a multirun ends."""
+def write_summary(sweep_dir: Path) -> pd.DataFrame:
+    """``summary.csv`` and, once two jobs succeeded, ``summary.png`` (test metrics vs the swept key)."""
+    summary = collect(sweep_dir)
+    if summary.empty:
+        return summary
+    summary.to_csv(sweep_dir / "summary.csv", index=False)
+    done = summary[summary["status"] == "ok"]
+    swept = [c for c in summary.columns if c not in ("job", "status", "error") and "/" not in c and summary[c].nunique() > 1]
+    metrics = [c for c in done.columns if c.startswith("test/")] or [c for c in done.columns if "/" in c]
+    if swept and metrics and len(done) > 1:
+        plots.sweep_plot(done, swept[0], metrics, sweep_dir / "summary.png")
+    return summary
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        summary = collect(sweep_dir)
-        if summary.empty:
-            log.warning("no job of the sweep at %s wrote metrics.json; no summary", sweep_dir)
+
+class SweepSummary(Callback):
+    """Hydra callback (conf/hydra/default.yaml): keeps ``summary.csv`` current during a multirun."""
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
             return
-        summary.to_csv(sweep_dir / "summary.csv", index=False)
-        swept = [c for c in summary.columns if c != "job" and "/" not in c and summary[c].nunique() > 1]
-        metrics = [c for c in summary.columns if c.startswith("test/")] or [c for c in summary.columns if "/" in c]
-        if swept and metrics:
-            plots.sweep_plot(summary, swept[0], metrics, sweep_dir / "summary.png")
-        log.info("sweep summary: %s\n%s", sweep_dir / "summary.csv", summary.to_string(index=False))
+        if job_return.status == JobStatus.FAILED:
+            error = job_return._return_value  # Hydra keeps the exception here; .return_value re-raises it
+            (Path(config.hydra.runtime.output_dir) / ERROR_FILE).write_text(f"{type(error).__name__}: {error}")
+        summary = write_summary(Path(config.hydra.sweep.dir))
+        log.info("sweep summary (%d jobs so far): %s", len(summary), Path(config.hydra.sweep.dir) / "summary.csv")

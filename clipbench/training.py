@@ -28,7 +28,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=runs.instantiate_group(cfg.callbacks), logger=runs.instantiate_group(cfg.get("logger")) or False
     )
-    with ddp_job():
+    with ddp_job(trainer):
         try:
             return _fit_and_test(cfg, out, model, datamodule, trainer)
         finally:

@@ -6,11 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import pandas as pd
+import pytest
 import torch
 
 from clipbench.data.datamodule import CLIPDataModule
 from clipbench.training import build_module
-from conftest import compose_config
+from conftest import compose_config, run_script
 
 GLOBAL_BATCH = 32
 
@@ -58,3 +60,25 @@ def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, cache_
         assert rank["grads"].keys() == single["grads"].keys()
         for name, grad in single["grads"].items():
             torch.testing.assert_close(rank["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="job 0 fails on purpose: SyncBatchNorm needs GPUs")
+def test_ddp_inside_a_multirun_runs_every_job_once_and_survives_a_failed_job(tmp_path):
+    """Each job's extra rank runs that job only, in that job's directory; a job that fails after its
+    ranks started stops them, and the next job's DDP starts afresh (Lightning's launcher would
+    otherwise restart the sweep in every rank, hang, or be killed by its own watchdog)."""
+    sweep = tmp_path / "sweep"
+    result = run_script(
+        "train.py", "-m", "experiment=quickstart", "data=synthetic", "trainer=ddp", "trainer.accelerator=auto",
+        "trainer.max_epochs=1", "logger=none", "trainer.sync_batchnorm=true,false", f"hydra.sweep.dir={sweep}",
+        f"paths.cache_dir={tmp_path / 'cache'}", cwd=tmp_path,
+    )
+    assert result.returncode != 0  # Hydra reports the failed job at the end of the sweep
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]  # no stray sweep of a child
+    assert (sweep / "1" / "metrics.json").is_file()
+    assert (sweep / "1" / "train_ddp_process_1.log").is_file()  # rank 1 ran inside the job's directory
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert list(summary["status"]) == ["failed", "ok"]
+    assert "SyncBatchNorm" in summary["error"].iloc[0]
+    assert 0 <= summary["test/acc1"].iloc[1] <= 1
+    assert not (tmp_path / "outputs").exists()
