@@ -6,8 +6,10 @@ and friends in ``os.environ``. In a multirun both go wrong (the known lightning-
 problem): ``sys.argv`` is the whole sweep (``-m model.lr=1e-3,3e-3``), so every extra rank starts
 the whole sweep again, in a directory that is not the job's; and the next job in the same parent
 process finds ``LOCAL_RANK`` set, believes its ranks were launched externally, and waits for ranks
-that never come. And when a job fails, its extra ranks wait forever for rank 0, until Lightning's
-watchdog sees one exit and kills the whole process, ending the sweep. :func:`ddp_job` fixes all three.
+that never come. When a job fails, its extra ranks wait forever for rank 0, until Lightning's
+watchdog sees one exit and kills the whole process, ending the sweep. And a ``MASTER_PORT`` in the
+environment makes every job rendezvous on one port, where a failed job's store may still answer
+with stale addresses. :func:`ddp_job` fixes all four.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from hydra.types import RunMode
 from omegaconf import read_write
 
 
-def _pin_children_to_this_job() -> None:
-    """In a multirun job: children re-run exactly this job's overrides, in this job's directory."""
+def _pin_children_to_this_job(trainer: L.Trainer) -> None:
+    """In a multirun job: children re-run exactly this job's overrides, in this job's directory,
+    and a single-node job launched by Lightning rendezvous on a fresh port of its own."""
     if not HydraConfig.initialized():
         return
     hydra_cfg = HydraConfig.get()
@@ -34,6 +37,8 @@ def _pin_children_to_this_job() -> None:
     sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
     with read_write(hydra_cfg.run):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    if trainer.num_nodes == 1 and "LOCAL_RANK" not in os.environ:
+        os.environ.pop("MASTER_PORT", None)  # Lightning then picks a free port
 
 
 def _stop_children(trainer: L.Trainer) -> None:
@@ -54,7 +59,7 @@ def _stop_children(trainer: L.Trainer) -> None:
 def ddp_job(trainer: L.Trainer) -> Iterator[None]:
     """Run one training job so that the next job of the same process starts its DDP afresh."""
     argv, environ = list(sys.argv), dict(os.environ)
-    _pin_children_to_this_job()
+    _pin_children_to_this_job(trainer)
     try:
         yield
     except BaseException:

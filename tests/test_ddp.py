@@ -3,6 +3,7 @@ whole global batch: features are gathered across ranks with their gradients."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +30,16 @@ class FirstStepRecorder(L.Callback):
         torch.save({"loss": loss, "grads": grads}, self.out / f"rank{trainer.global_rank}.pt")
 
 
+@pytest.fixture
+def restored_environ():
+    """DDP launchers export MASTER_PORT and friends into this (pytest's) process: undo that, so
+    later tests and the processes they start do not inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _first_step(cfg, devices: int, out: Path) -> list[dict]:
     out.mkdir(parents=True)
     L.seed_everything(0)
@@ -43,7 +54,7 @@ def _first_step(cfg, devices: int, out: Path) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt") for r in range(devices)]
 
 
-def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, cache_dir):
+def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, cache_dir, restored_environ):
     # LayerNorm-only ViT (BatchNorm statistics are per rank unless trainer.sync_batchnorm), one
     # template so that captions follow from labels, no augmentation: the data are the same.
     cfg = compose_config(
