@@ -5,7 +5,7 @@ import pytest
 from clipbench.training import train
 from conftest import CIFAR10, compose_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"no CIFAR-10 copy at {CIFAR10}")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600), pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"no CIFAR-10 copy at {CIFAR10}")]
 
 
 def test_small_clip_learns_cifar10_on_cpu(tmp_path, cache_dir):
