@@ -14,6 +14,13 @@ import pandas as pd  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def training_curves(history: pd.DataFrame, path: Path) -> Path:
     """Loss, zero-shot accuracy and temperature per epoch, one panel each."""
     panels = [
@@ -29,10 +36,7 @@ def training_curves(history: pd.DataFrame, path: Path) -> Path:
         if columns:
             ax.legend()
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def prediction_grid(images: Tensor, true: Sequence[str], predicted: Sequence[str], path: Path) -> Path:
@@ -46,10 +50,7 @@ def prediction_grid(images: Tensor, true: Sequence[str], predicted: Sequence[str
     for ax, image, t, p in zip(axes.flat, images, true, predicted):
         ax.imshow(image.permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")
         ax.set_title(f"{t}\n→ {p}", fontsize=8, color="black" if t == p else "red")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def bar_chart(table: pd.DataFrame, x: str, ys: Sequence[str], path: Path, title: str = "") -> Path:
@@ -57,10 +58,7 @@ def bar_chart(table: pd.DataFrame, x: str, ys: Sequence[str], path: Path, title:
     ax = table.set_index(x)[list(ys)].plot.bar(figsize=(max(5, 1.2 * len(table) + 3), 4), rot=20)
     ax.set(title=title, ylabel="value")
     ax.grid(axis="y", alpha=0.3)
-    ax.figure.tight_layout()
-    ax.figure.savefig(path, dpi=120)
-    plt.close(ax.figure)
-    return path
+    return _save(ax.figure, path)
 
 
 def sweep_plot(summary: pd.DataFrame, param: str, metrics: Sequence[str], path: Path) -> Path:
@@ -76,7 +74,4 @@ def sweep_plot(summary: pd.DataFrame, param: str, metrics: Sequence[str], path: 
     ax.set(xlabel=param, title=f"sweep over {param}")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
