@@ -6,7 +6,6 @@ from pathlib import Path
 
 import lightning as L
 import pandas as pd
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from clipbench import plots
@@ -55,12 +54,10 @@ class PredictionGrid(L.Callback):
             return
         images, labels = batch[0][: self.samples].float(), batch[1][: self.samples]
         spec = pl_module.backbone.image_spec
-        mean = torch.tensor(spec.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(spec.std, device=images.device).view(1, -1, 1, 1)
         names = pl_module.class_names
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = plots.prediction_grid(
-            images * std + mean,
+            spec.denormalize_batch(images),
             [names[i] for i in labels.tolist()],
             [names[i] for i in outputs[: self.samples].tolist()],
             self.output_dir / "predictions.png",

@@ -84,3 +84,11 @@ def test_batch_transform_resizes_only_when_needed(size):
     spec = ImageSpec(size=size)
     images = torch.randint(0, 256, (2, 3, 2, 2), dtype=torch.uint8)
     assert spec.batch_transform(images).shape == (2, 3, size, size)
+
+
+def test_normalisation_round_trips_to_pixels():
+    spec = ImageSpec(size=4)
+    pixels = torch.rand(2, 3, 4, 4)
+    normalised = spec.normalize_batch(pixels)
+    assert not torch.allclose(normalised, pixels)
+    torch.testing.assert_close(spec.denormalize_batch(normalised), pixels)

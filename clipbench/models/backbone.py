@@ -8,6 +8,7 @@ clipbench checkpoints) provides one subclass in its own module.
 from __future__ import annotations
 
 import abc
+import functools
 import math
 import os
 import socket
@@ -24,6 +25,13 @@ from torchvision.transforms import v2
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_LOGIT_SCALE = 100.0
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_values(values: tuple[float, ...], device: torch.device) -> Tensor:
+    """Per-channel constants as a (1, C, 1, 1) tensor on ``device``, built once rather than copied
+    to the device with every batch."""
+    return torch.tensor(values, device=device).view(1, -1, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -62,9 +70,11 @@ class ImageSpec:
         return x
 
     def normalize_batch(self, x: Tensor) -> Tensor:
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return (x - _channel_values(self.mean, x.device)) / _channel_values(self.std, x.device)
+
+    def denormalize_batch(self, x: Tensor) -> Tensor:
+        """The inverse of :meth:`normalize_batch`, back to [0, 1] pixels (for figures)."""
+        return x * _channel_values(self.std, x.device) + _channel_values(self.mean, x.device)
 
     def batch_transform(self, images: Tensor) -> Tensor:
         """uint8 (B, C, H, W) -> the model's input, batched on the images' device."""
