@@ -20,7 +20,6 @@ from typing import Any, Iterable, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CONF_DIR = REPO_ROOT / "conf"
 
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` from anywhere imports clipbench
     sys.path.insert(0, str(REPO_ROOT))
@@ -95,22 +94,11 @@ def sync(device: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ config
-def compose_train(overrides: Sequence[str], tmp_dir: str | Path, config_name: str = "train"):
-    """Compose ``conf/<config_name>.yaml`` outside a Hydra run.
+def compose_train(overrides: Sequence[str], tmp_dir: str | Path):
+    """``conf/train.yaml`` with these overrides, its outputs and caches under ``tmp_dir``."""
+    from clipbench.runs import compose_config
 
-    ``conf/paths`` uses ``${hydra:runtime...}`` resolvers that only exist inside ``@hydra.main``, so
-    the path keys are pinned to explicit directories here.
-    """
-    from hydra import compose, initialize_config_dir
-
-    tmp_dir = Path(tmp_dir)
-    pinned = [
-        f"paths.root_dir={REPO_ROOT}",
-        f"paths.output_dir={tmp_dir / 'run'}",
-        f"paths.cache_dir={tmp_dir / 'cache'}",
-    ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name, overrides=[*pinned, *overrides])
+    return compose_config("train", list(overrides), Path(tmp_dir) / "run", Path(tmp_dir) / "cache")
 
 
 # ----------------------------------------------------------------------------------------- results

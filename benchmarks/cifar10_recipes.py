@@ -50,7 +50,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-cifar10-"))
     rows = []
     for recipe in args.recipes:
-        exists = (C.CONF_DIR / "experiment" / f"{recipe}.yaml").exists()
+        exists = (C.REPO_ROOT / "conf" / "experiment" / f"{recipe}.yaml").exists()
         if exists:
             overrides = [f"experiment={recipe}"]
         elif args.smoke:

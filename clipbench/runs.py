@@ -9,12 +9,32 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from clipbench.config import validate
 
 log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_config(name: str, overrides: list[str], output_dir: str | Path, cache_dir: str | Path) -> DictConfig:
+    """The config ``<name>.py`` would run with these overrides, outside a Hydra run (tests,
+    benchmarks, notebooks), writing into ``output_dir``. The ``paths`` keys that read Hydra's
+    runtime are pinned; Hydra's own node is registered (``${hydra:...}`` keys resolve) and removed.
+    """
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(REPO_ROOT)
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.cache_dir = str(cache_dir)
+        del cfg["hydra"]
+    return cfg
 
 
 def start(cfg: DictConfig) -> Path:

@@ -90,17 +90,41 @@ def image_folder(root: str | Path, split: str) -> FolderImages:
     return FolderImages(root / split, classes)
 
 
+SPLIT_SEED = 0  # fixed, not ${seed}: a dataset without an official split always has the same test set
+
+
+def _torchvision(name: str, layout: str, root: Path, build):
+    """``build()`` a torchvision dataset; its "not found" (or a failed download) becomes a DataError."""
+    try:
+        return build()
+    except (RuntimeError, OSError) as err:  # torchvision: "Dataset not found"; urllib: no network
+        raise DataError(
+            f"{name} not found at data.root={root} and could not be downloaded ({err}). Place torchvision's "
+            f"files there ({layout}), point data.root at such a copy, or run online with data.download=true"
+        ) from err
+
+
+def _stratified_split(labels: Sequence[int], split: str, test_fraction: float = 0.2, seed: int = SPLIT_SEED) -> np.ndarray:
+    """Indices of ``split`` under a stratified train/test split (for datasets without one)."""
+    from sklearn.model_selection import train_test_split
+
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed)
+    return np.sort(train_idx if split == "train" else test_idx)
+
+
+def _gray_to_rgb(images: Tensor) -> Tensor:
+    """uint8 (N, H, W) grayscale -> (N, 3, H, W)."""
+    return images.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
 def digits(split: str, test_fraction: float = 0.2, seed: int = 0) -> TensorImages:
     """scikit-learn's bundled 8x8 digits (1,797 images), a fixed stratified train/test split."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
     pixels = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
-    index = np.arange(len(pixels))
-    train_idx, test_idx = train_test_split(index, test_size=test_fraction, stratify=bunch.target, random_state=seed)
-    chosen = train_idx if split == "train" else test_idx
-    images = torch.from_numpy(pixels[chosen]).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    chosen = _stratified_split(bunch.target, split, test_fraction, seed)
+    images = _gray_to_rgb(torch.from_numpy(pixels[chosen]))
     names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     return TensorImages(images, torch.from_numpy(bunch.target[chosen]), names)
 
@@ -123,15 +147,8 @@ def cifar(num_classes: int, root: str | Path, split: str, download: bool) -> Dat
     if (root / split).is_dir():
         return image_folder(root, split)
     cls = CIFAR10 if num_classes == 10 else CIFAR100
-    try:
-        ds = cls(str(root), train=split == "train", download=download)
-    except (RuntimeError, OSError) as err:  # torchvision: "Dataset not found"; urllib: no network
-        raise DataError(
-            f"CIFAR-{num_classes} not found at data.root={root} and could not be downloaded ({err}). "
-            f"Either put a class-folder tree at <root>/train/<class>/*.jpg and <root>/test/<class>/*.jpg "
-            f"(e.g. data.root=../shared/data/cifar10), or place torchvision's extracted files in <root>, "
-            f"or run online with data.download=true"
-        ) from err
+    layout = "a class-folder tree <root>/train/<class>/*.jpg + <root>/test/<class>/*.jpg, e.g. ../shared/data/cifar10, or torchvision's extracted batches"
+    ds = _torchvision(f"CIFAR-{num_classes}", layout, root, lambda: cls(str(root), train=split == "train", download=download))
     return TensorImages(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes)
 
 
@@ -139,8 +156,6 @@ def cifar(num_classes: int, root: str | Path, split: str, download: bool) -> Dat
 # Each loads torchvision's on-disk layout under data.root (downloading it with data.download=true when
 # online). File-based datasets become a ListedImages, read lazily and decoded (and cached) like a
 # class-folder tree; array-based ones become TensorImages.
-
-SPLIT_SEED = 0  # fixed, not ${seed}: a dataset without an official split always has the same test set
 
 
 class ListedImages(FolderImages):
@@ -150,27 +165,6 @@ class ListedImages(FolderImages):
         self.samples = [(Path(path), int(label)) for path, label in samples]
         self.classes = list(classes)
         self.labels = torch.tensor([label for _, label in self.samples])
-
-
-def _torchvision(name: str, layout: str, root: Path, build):
-    """``build()`` a torchvision dataset; its "not found" (or a failed download) becomes a DataError."""
-    try:
-        return build()
-    except (RuntimeError, OSError) as err:  # torchvision: "Dataset not found"; urllib: no network
-        raise DataError(
-            f"{name} not found at data.root={root} and could not be downloaded ({err}). Place torchvision's "
-            f"files there ({layout}), point data.root at such a copy, or run online with data.download=true"
-        ) from err
-
-
-def _stratified_split(labels: Sequence[int], split: str, test_fraction: float = 0.2) -> np.ndarray:
-    """Indices of ``split`` under a fixed stratified train/test split (for datasets without one)."""
-    from sklearn.model_selection import train_test_split
-
-    train_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=SPLIT_SEED
-    )
-    return np.sort(train_idx if split == "train" else test_idx)
 
 
 def food101(root: str | Path, split: str, download: bool) -> ListedImages:
@@ -246,4 +240,4 @@ def fashion_mnist(root: str | Path, split: str, download: bool) -> TensorImages:
     root = Path(root).expanduser()
     ds = _torchvision("Fashion-MNIST", "<root>/FashionMNIST/raw/*-ubyte", root,
                       lambda: FashionMNIST(str(root), train=split == "train", download=download))
-    return TensorImages(ds.data.unsqueeze(1).expand(-1, 3, -1, -1).contiguous(), ds.targets, ds.classes)
+    return TensorImages(_gray_to_rgb(ds.data), ds.targets, ds.classes)
