@@ -15,8 +15,9 @@ import re
 import statistics
 import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -27,8 +28,7 @@ if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` from anywhere imp
 
 # ------------------------------------------------------------------------------------------ device
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="where to run (default: cuda when available, else cpu)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="where to run (default: cuda when available, else cpu)")
 
 
 def resolve_device(choice: str | None) -> str:
@@ -164,8 +164,9 @@ def save_results(
     return json_path
 
 
-def run_train_subprocess(overrides: Sequence[str], run_dir: Path, log_path: Path, timeout: float | None = None,
-                         env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_train_subprocess(
+    overrides: Sequence[str], run_dir: Path, log_path: Path, timeout: float | None = None, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """``python train.py <overrides> hydra.run.dir=<run_dir>`` in a fresh process; wall clock, exit code
     and the run's ``metrics.json``."""
     import time
@@ -174,8 +175,9 @@ def run_train_subprocess(overrides: Sequence[str], run_dir: Path, log_path: Path
     started = time.perf_counter()
     with open(log_path, "w") as log:
         try:
-            proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                                  env={**os.environ, **(env or {})})
+            proc = subprocess.run(
+                cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env={**os.environ, **(env or {})}
+            )
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"

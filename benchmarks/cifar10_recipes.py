@@ -38,8 +38,11 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(TARGETS), help="experiment configs to run")
     parser.add_argument("--smoke", action="store_true", help="1 epoch, few batches: a pipeline check, not a measurement")
     parser.add_argument("--extra", nargs="*", default=[], help="extra Hydra overrides for every recipe")
-    parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "clipbench-bench-cache"),
-                        help="decoded-dataset cache (paths.cache_dir); reused across runs on this machine")
+    parser.add_argument(
+        "--cache-dir",
+        default=str(Path(tempfile.gettempdir()) / "clipbench-bench-cache"),
+        help="decoded-dataset cache (paths.cache_dir); reused across runs on this machine",
+    )
     parser.add_argument("--timeout", type=float, default=3600)
     args = parser.parse_args()
     device = C.resolve_device(args.device)
@@ -69,28 +72,53 @@ def main() -> None:
         m = res["metrics"]
         target = TARGETS.get(recipe, {})
         acc, train_time = m.get("test/acc1"), m.get("train_time_s")
-        ok = acc is not None and acc >= target.get("acc1", 0) and (
-            target.get("train_time_s") is None or (train_time is not None and train_time <= target["train_time_s"]))
-        rows.append({
-            "recipe": recipe, "stand_in": not exists, "rc": res["rc"], "wall_s": res["wall_s"], "train_time_s": train_time,
-            "test/acc1": acc, "epochs": m.get("epochs"), "steps": m.get("steps"), "target_acc1": target.get("acc1"),
-            "target_train_time_s": target.get("train_time_s"),
-            "verdict": "smoke (not a measurement)" if args.smoke else ("PASS" if ok else "FAIL"),
-            "overrides": " ".join(overrides),
-        })
+        ok = (
+            acc is not None
+            and acc >= target.get("acc1", 0)
+            and (target.get("train_time_s") is None or (train_time is not None and train_time <= target["train_time_s"]))
+        )
+        rows.append(
+            {
+                "recipe": recipe,
+                "stand_in": not exists,
+                "rc": res["rc"],
+                "wall_s": res["wall_s"],
+                "train_time_s": train_time,
+                "test/acc1": acc,
+                "epochs": m.get("epochs"),
+                "steps": m.get("steps"),
+                "target_acc1": target.get("acc1"),
+                "target_train_time_s": target.get("train_time_s"),
+                "verdict": "smoke (not a measurement)" if args.smoke else ("PASS" if ok else "FAIL"),
+                "overrides": " ".join(overrides),
+            }
+        )
         print(f"  rc={res['rc']} wall={res['wall_s']:.1f}s train_time={train_time} acc1={acc}")
         if res["rc"] != 0 or not m:
             print(C.tail(res["log"]))
 
-    params = {"root": args.root, "recipes": args.recipes, "smoke": args.smoke, "extra": args.extra, "cache_dir": args.cache_dir,
-              "tmp_dir": str(tmp)}
+    params = {
+        "root": args.root,
+        "recipes": args.recipes,
+        "smoke": args.smoke,
+        "extra": args.extra,
+        "cache_dir": args.cache_dir,
+        "tmp_dir": str(tmp),
+    }
     notes = ["targets on one H100: cifar10_fast acc1 >= 0.94 with train_time_s <= 60; cifar10_clip acc1 >= 0.90"]
     if args.smoke:
         notes.append("SMOKE run: " + " ".join(SMOKE) + "; accuracies are meaningless, this only proves the pipeline runs")
     if device == "cpu" and not args.smoke:
         notes.append("CPU run: the targets are for the GPU machine")
-    C.save_results("cifar10_recipes", info, params, rows, notes=notes, suffix="_smoke" if args.smoke else "",
-                   columns=["recipe", "stand_in", "rc", "wall_s", "train_time_s", "test/acc1", "epochs", "steps", "verdict"])
+    C.save_results(
+        "cifar10_recipes",
+        info,
+        params,
+        rows,
+        notes=notes,
+        suffix="_smoke" if args.smoke else "",
+        columns=["recipe", "stand_in", "rc", "wall_s", "train_time_s", "test/acc1", "epochs", "steps", "verdict"],
+    )
 
 
 if __name__ == "__main__":

@@ -144,7 +144,12 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = [f"experiment={args.experiment}", "logger=none", f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", *args.overrides]
+    overrides = [
+        f"experiment={args.experiment}",
+        "logger=none",
+        f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
+        *args.overrides,
+    ]
     tmp = tempfile.mkdtemp(prefix="bench-lightning-")
     cfg = C.compose_train(overrides, tmp)
     torch.backends.cudnn.benchmark = bool(cfg.trainer.get("benchmark", False))
@@ -160,8 +165,17 @@ def main() -> None:
             stamps = runners[side](cfg, device, total, args.precision)
             rate = window_rate(stamps, args.warmup, args.steps, device)
             robust = median_step_rate(stamps, args.warmup, args.steps)
-            rows.append({"repeat": rep, "side": side, "order": order.index(side), "steps_per_s": rate,
-                         "ms_per_step": 1000 / rate, "median_step_ms": 1000 / robust, "steps_per_s_from_median_step": robust})
+            rows.append(
+                {
+                    "repeat": rep,
+                    "side": side,
+                    "order": order.index(side),
+                    "steps_per_s": rate,
+                    "ms_per_step": 1000 / rate,
+                    "median_step_ms": 1000 / robust,
+                    "steps_per_s_from_median_step": robust,
+                }
+            )
             print(f"  repeat {rep} {side:9s}: {rate:8.2f} steps/s ({1000 / rate:.1f} ms/step; median step {1000 / robust:.1f} ms)")
 
     plain = C.median(r["steps_per_s"] for r in rows if r["side"] == "plain")
@@ -188,17 +202,26 @@ def main() -> None:
         "verdict_median_step": "PASS" if light_med / plain_med >= TARGET_RATIO else "FAIL",
     }
     params = {
-        "experiment": args.experiment, "overrides": overrides, "precision": args.precision, "warmup": args.warmup,
-        "steps": args.steps, "repeats": args.repeats, "threads": torch.get_num_threads(), "batch_size": int(cfg.data.batch_size),
-        "data": str(cfg.data.name), "model_image_tower": str(cfg.model.backbone.image_tower._target_),
+        "experiment": args.experiment,
+        "overrides": overrides,
+        "precision": args.precision,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "batch_size": int(cfg.data.batch_size),
+        "data": str(cfg.data.name),
+        "model_image_tower": str(cfg.model.backbone.image_tower._target_),
     }
     notes = [
         "steps/s over the same window of steps on both sides; median over repeats (order alternates)",
         f"target: Lightning at most 5% slower (ratio >= {TARGET_RATIO}): {summary['verdict']}",
     ]
     if device == "cpu":
-        notes.append("CPU timings on a shared machine are noisy: compare the per-pair ratios and the median-step "
-                     "rates (1 / median step interval), which shrug off bursts of load from other jobs")
+        notes.append(
+            "CPU timings on a shared machine are noisy: compare the per-pair ratios and the median-step "
+            "rates (1 / median step interval), which shrug off bursts of load from other jobs"
+        )
     C.save_results("lightning_overhead", info, params, rows, summary, notes)
 
 

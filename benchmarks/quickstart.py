@@ -39,7 +39,7 @@ def main() -> None:
     device = C.resolve_device(args.device)
     info = C.describe_device(device)
 
-    base = ["experiment=quickstart", *([f"trainer.accelerator=gpu"] if device == "cuda" else []), *args.overrides]
+    base = ["experiment=quickstart", *(["trainer.accelerator=gpu"] if device == "cuda" else []), *args.overrides]
     settings = {k: v for k, v in SETTINGS.items() if not (args.skip_reference and k != "quickstart")}
     tmp = Path(tempfile.mkdtemp(prefix="bench-quickstart-"))
     rows = []
@@ -51,9 +51,16 @@ def main() -> None:
             res = C.run_train_subprocess([*base, *settings[name]], run_dir, tmp / f"{name}-{rep}.log", timeout=args.timeout)
             m = res["metrics"]
             row = {
-                "setting": name, "repeat": rep, "rc": res["rc"], "wall_s": res["wall_s"],
-                "train_time_s": m.get("train_time_s"), "test/acc1": m.get("test/acc1"), "test/acc5": m.get("test/acc5"),
-                "epochs": m.get("epochs"), "steps": m.get("steps"), "overrides": " ".join(settings[name]),
+                "setting": name,
+                "repeat": rep,
+                "rc": res["rc"],
+                "wall_s": res["wall_s"],
+                "train_time_s": m.get("train_time_s"),
+                "test/acc1": m.get("test/acc1"),
+                "test/acc5": m.get("test/acc5"),
+                "epochs": m.get("epochs"),
+                "steps": m.get("steps"),
+                "overrides": " ".join(settings[name]),
             }
             rows.append(row)
             print(f"  rc={res['rc']} wall={res['wall_s']:.1f}s acc1={row['test/acc1']} train_time={row['train_time_s']}")
@@ -75,21 +82,30 @@ def main() -> None:
     }
     if "seed-reference" in settings:
         r_acc, r_wall = med("seed-reference", "test/acc1"), med("seed-reference", "wall_s")
-        summary.update({
-            "reference_acc1": r_acc,
-            "reference_wall_s": r_wall,
-            "reference_train_time_s": med("seed-reference", "train_time_s"),
-            "acc_ratio_quickstart_over_reference": (q_acc / r_acc) if q_acc and r_acc else None,
-            "wall_ratio_reference_over_quickstart": (r_wall / q_wall) if q_wall and r_wall else None,
-        })
+        summary.update(
+            {
+                "reference_acc1": r_acc,
+                "reference_wall_s": r_wall,
+                "reference_train_time_s": med("seed-reference", "train_time_s"),
+                "acc_ratio_quickstart_over_reference": (q_acc / r_acc) if q_acc and r_acc else None,
+                "wall_ratio_reference_over_quickstart": (r_wall / q_wall) if q_wall and r_wall else None,
+            }
+        )
     params = {"base_overrides": base, "settings": settings, "repeats": args.repeats, "tmp_dir": str(tmp)}
     notes = [
         "wall_s: fresh `python train.py` process, start-up and test included; train_time_s: Trainer.fit only (from metrics.json)",
         f"targets: test/acc1 >= {TARGET_ACC} and wall < {TARGET_WALL_S:.0f} s: {summary['verdict']}",
         "seed-reference: same model and epochs, data.batch_size=32 model.lr=1e-4 model.weight_decay=0.01",
     ]
-    C.save_results("quickstart", info, params, rows, summary, notes,
-                   columns=["setting", "repeat", "rc", "wall_s", "train_time_s", "test/acc1", "test/acc5", "steps", "overrides"])
+    C.save_results(
+        "quickstart",
+        info,
+        params,
+        rows,
+        summary,
+        notes,
+        columns=["setting", "repeat", "rc", "wall_s", "train_time_s", "test/acc1", "test/acc5", "steps", "overrides"],
+    )
 
 
 if __name__ == "__main__":

@@ -110,8 +110,9 @@ def main() -> None:
     else:
         n = limit or 10000
         g = torch.Generator().manual_seed(0)
-        synthetic = sources.TensorImages(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                                         torch.zeros(n, dtype=torch.long), ["x"])
+        synthetic = sources.TensorImages(
+            torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.zeros(n, dtype=torch.long), ["x"]
+        )
         picked = synthetic
         data_desc = f"synthetic uint8 32x32 ({n}); {root}/test not found"
     n_images = len(picked)
@@ -145,8 +146,12 @@ def main() -> None:
     # ----------------------------------------------------------- naive path
     rows = [
         {"path": "clipbench on-device (encode only)", "images": passes * n_images, "seconds": encode_s, "images_per_s": clip_rate},
-        {"path": "clipbench on-device (incl. one-time decode)", "images": n_images, "seconds": decode_s + encode_s / passes,
-         "images_per_s": clip_e2e},
+        {
+            "path": "clipbench on-device (incl. one-time decode)",
+            "images": n_images,
+            "seconds": decode_s + encode_s / passes,
+            "images_per_s": clip_e2e,
+        },
     ]
     naive_rate = None
     if not args.skip_naive:
@@ -169,13 +174,19 @@ def main() -> None:
         with torch.inference_mode():
             t0 = time.perf_counter()
             for x, _ in loader:
-                feats = encode(x.to(dev, non_blocking=True))
+                encode(x.to(dev, non_blocking=True))
             C.sync(device)
             naive_s = time.perf_counter() - t0
         naive_rate = n_images / naive_s
         print(f"naive DataLoader + open_clip preprocess: {naive_rate:,.1f} images/s")
-        rows.append({"path": f"naive DataLoader({args.num_workers} workers) + open_clip preprocess", "images": n_images,
-                     "seconds": naive_s, "images_per_s": naive_rate})
+        rows.append(
+            {
+                "path": f"naive DataLoader({args.num_workers} workers) + open_clip preprocess",
+                "images": n_images,
+                "seconds": naive_s,
+                "images_per_s": naive_rate,
+            }
+        )
     for r in rows:
         r["ratio_vs_naive"] = (r["images_per_s"] / naive_rate) if naive_rate else None
 
@@ -188,9 +199,17 @@ def main() -> None:
         "verdict": ("PASS" if clip_rate >= TARGET_GPU_IMAGES_PER_S else "FAIL") if cuda else "pending (GPU target; this is a CPU run)",
     }
     params = {
-        "model": args.model, "pretrained": None, "data": data_desc, "images": n_images, "batch_size": batch_size,
-        "passes": passes, "num_workers": args.num_workers, "precision": "bf16 autocast" if cuda else "fp32",
-        "channels_last": channels_last, "input_size": size, "interpolation": spec.interpolation,
+        "model": args.model,
+        "pretrained": None,
+        "data": data_desc,
+        "images": n_images,
+        "batch_size": batch_size,
+        "passes": passes,
+        "num_workers": args.num_workers,
+        "precision": "bf16 autocast" if cuda else "fp32",
+        "channels_last": channels_last,
+        "input_size": size,
+        "interpolation": spec.interpolation,
     }
     notes = [
         "same model, precision and inference_mode on both paths; only the input pipeline differs",
@@ -200,8 +219,9 @@ def main() -> None:
         notes.append(f"GPU target >= {TARGET_GPU_IMAGES_PER_S:,.0f} images/s (H100): {summary['verdict']}")
     else:
         notes.append(f"GPU target (H100 >= {TARGET_GPU_IMAGES_PER_S:,.0f} images/s) is pending: run with --device cuda on the GPU machine")
-    C.save_results("zeroshot_throughput", info, params, rows, summary, notes,
-                   columns=["path", "images", "seconds", "images_per_s", "ratio_vs_naive"])
+    C.save_results(
+        "zeroshot_throughput", info, params, rows, summary, notes, columns=["path", "images", "seconds", "images_per_s", "ratio_vs_naive"]
+    )
 
 
 if __name__ == "__main__":

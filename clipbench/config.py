@@ -6,8 +6,9 @@ group options (``model=nope``) by Hydra's config search; this module checks *val
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -43,7 +44,9 @@ def _check_combinations(cfg: DictConfig) -> None:
     if ckpt_path and not Path(ckpt_path).expanduser().is_file():
         raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file (train.py writes them under <run dir>/checkpoints/)")
     if OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False) and OmegaConf.select(cfg, "trainer.accelerator") == "cpu":
-        raise ConfigError("trainer.sync_batchnorm=true needs GPUs (SyncBatchNorm is CUDA-only); set trainer.sync_batchnorm=false for DDP on CPUs")
+        raise ConfigError(
+            "trainer.sync_batchnorm=true needs GPUs (SyncBatchNorm is CUDA-only); set trainer.sync_batchnorm=false for DDP on CPUs"
+        )
 
 
 def validate(cfg: DictConfig) -> None:

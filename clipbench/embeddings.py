@@ -11,9 +11,10 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -38,7 +39,7 @@ class EvalDataModule(CLIPDataModule):
     """
 
     @classmethod
-    def from_config(cls, data_cfg: DictConfig, image_spec: ImageSpec) -> "EvalDataModule":
+    def from_config(cls, data_cfg: DictConfig, image_spec: ImageSpec) -> EvalDataModule:
         """From a ``data`` config, whose ``_target_`` (the training datamodule) is replaced by this class."""
         options = OmegaConf.to_container(data_cfg, resolve=True)
         options.pop("_target_", None)

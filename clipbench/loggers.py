@@ -24,4 +24,6 @@ def wandb_logger(project: str, save_dir: str, name: str | None = None, group: st
     if group is None and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         group = Path(HydraConfig.get().sweep.dir).name
     offline = os.environ.get("WANDB_MODE", "offline" if not _logged_in() else "online") == "offline"
-    return WandbLogger(project=project, save_dir=save_dir, name=name or None, group=group, tags=list(tags or []), offline=offline, log_model=False)
+    return WandbLogger(
+        project=project, save_dir=save_dir, name=name or None, group=group, tags=list(tags or []), offline=offline, log_model=False
+    )

@@ -34,7 +34,9 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
         overrides_file = job_dir / ".hydra" / "overrides.yaml"
         overrides = OmegaConf.load(overrides_file) if overrides_file.exists() else []
         params = {k: _number(v) for k, v in (o.split("=", 1) for o in overrides if "=" in o)}
-        outcome = {"status": "ok", **json.loads(metrics.read_text())} if metrics.exists() else {"status": "failed", "error": error.read_text()}
+        outcome = (
+            {"status": "ok", **json.loads(metrics.read_text())} if metrics.exists() else {"status": "failed", "error": error.read_text()}
+        )
         rows.append({"job": job_dir.name, **params, **outcome})
     return pd.DataFrame(rows)
 

@@ -12,6 +12,7 @@ from clipbench import runs
 from clipbench.hydra_ddp import ddp_job
 from clipbench.modules.contrastive import CLIPTrainingModule
 
+
 def build_module(model_cfg: DictConfig) -> CLIPTrainingModule:
     """The ``model`` config's keys are the module's arguments (a backbone config and optimisation).
 

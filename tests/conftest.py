@@ -10,6 +10,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+
 from clipbench.models.attention import record_attention
 from clipbench.runs import compose_config  # noqa: F401  (tests import it from here)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import check_attention_recorder
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -24,7 +25,6 @@ from transformers import (
 )
 
 from clipbench.models.backbone import CLIP_MEAN
-from conftest import check_attention_recorder
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)

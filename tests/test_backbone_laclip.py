@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import check_attention_recorder
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -20,7 +21,6 @@ from timm.layers import Mlp
 from torch import nn
 
 from clipbench.models.laclip import IMAGENET_MEAN
-from conftest import check_attention_recorder
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 EMBED, TEXT_WIDTH, HEADS, CONTEXT = 16, 32, 2, 77

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
+from conftest import check_attention_recorder
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-from conftest import check_attention_recorder
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose_config, run_script
 from PIL import Image
 
 from clipbench.config import ConfigError
@@ -11,7 +12,6 @@ from clipbench.data.datamodule import CLIPDataModule
 from clipbench.data.sources import DataError
 from clipbench.models.backbone import ImageSpec
 from clipbench.training import train
-from conftest import compose_config, run_script
 
 
 def _tree(root, counts: dict[str, int], split="train"):
@@ -47,15 +47,21 @@ def test_unreadable_image_is_reported_and_the_rest_is_kept(tmp_path, caplog):
     _tree(tmp_path, {"cat": 2, "dog": 2}, split="test")
     (tmp_path / "test" / "dog" / "broken.png").write_bytes(b"not an image")
     for on_device in (True, False):
-        datamodule = CLIPDataModule("imagefolder", ImageSpec(8), root=str(tmp_path), val_fraction=0.0, eval_batch_size=16, on_device=on_device)
+        datamodule = CLIPDataModule(
+            "imagefolder", ImageSpec(8), root=str(tmp_path), val_fraction=0.0, eval_batch_size=16, on_device=on_device
+        )
         datamodule.setup()
-        images, labels = next(iter(datamodule.test_dataloader()))
+        _, labels = next(iter(datamodule.test_dataloader()))
         assert len(labels) == 4  # the broken file dropped, all four good images kept
     assert "broken.png" in caplog.text
 
 
 def test_impossible_values_name_their_key(tmp_path, cache_dir):
-    for override, key in [("model.lr=-1", "model.lr"), ("data.batch_size=0", "data.batch_size"), ("data.val_fraction=1.5", "data.val_fraction")]:
+    for override, key in [
+        ("model.lr=-1", "model.lr"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.val_fraction=1.5", "data.val_fraction"),
+    ]:
         cfg = compose_config("train", [override], tmp_path, cache_dir)
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             train(cfg)

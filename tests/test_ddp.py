@@ -10,10 +10,10 @@ import lightning as L
 import pandas as pd
 import pytest
 import torch
+from conftest import compose_config, run_script
 
 from clipbench.data.datamodule import CLIPDataModule
 from clipbench.training import build_module
-from conftest import compose_config, run_script
 
 GLOBAL_BATCH = 32
 
@@ -44,11 +44,26 @@ def _first_step(cfg, devices: int, out: Path) -> list[dict]:
     out.mkdir(parents=True)
     L.seed_everything(0)
     model = build_module(cfg.model)
-    datamodule = CLIPDataModule("synthetic", model.backbone.image_spec, batch_size=GLOBAL_BATCH // devices, val_fraction=0.0, crop_padding=0, hflip=False, synthetic_samples=64)
+    datamodule = CLIPDataModule(
+        "synthetic",
+        model.backbone.image_spec,
+        batch_size=GLOBAL_BATCH // devices,
+        val_fraction=0.0,
+        crop_padding=0,
+        hflip=False,
+        synthetic_samples=64,
+    )
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_steps=1,
-        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[FirstStepRecorder(out)],
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FirstStepRecorder(out)],
     )
     trainer.fit(model, datamodule=datamodule)
     return [torch.load(out / f"rank{r}.pt") for r in range(devices)]
@@ -59,10 +74,19 @@ def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path, cache_
     # template so that captions follow from labels, no augmentation: the data are the same.
     cfg = compose_config(
         "train",
-        ["model=clip_vit", "model.train_templates=single", "model.backbone.embed_dim=32", "model.backbone.text_width=32",
-         "model.backbone.text_layers=1", "model.backbone.text_heads=2", "model.backbone.image_tower.width=32",
-         "model.backbone.image_tower.layers=1", "model.backbone.image_tower.heads=2"],
-        tmp_path, cache_dir,
+        [
+            "model=clip_vit",
+            "model.train_templates=single",
+            "model.backbone.embed_dim=32",
+            "model.backbone.text_width=32",
+            "model.backbone.text_layers=1",
+            "model.backbone.text_heads=2",
+            "model.backbone.image_tower.width=32",
+            "model.backbone.image_tower.layers=1",
+            "model.backbone.image_tower.heads=2",
+        ],
+        tmp_path,
+        cache_dir,
     )
     (single,) = _first_step(cfg, 1, tmp_path / "single")
     ranks = _first_step(cfg, 2, tmp_path / "ddp")
@@ -80,9 +104,18 @@ def test_ddp_inside_a_multirun_runs_every_job_once_and_survives_a_failed_job(tmp
     otherwise restart the sweep in every rank, hang, or be killed by its own watchdog)."""
     sweep = tmp_path / "sweep"
     result = run_script(
-        "train.py", "-m", "experiment=quickstart", "data=synthetic", "trainer=ddp", "trainer.accelerator=auto",
-        "trainer.max_epochs=1", "logger=none", "trainer.sync_batchnorm=true,false", f"hydra.sweep.dir={sweep}",
-        f"paths.cache_dir={tmp_path / 'cache'}", cwd=tmp_path,
+        "train.py",
+        "-m",
+        "experiment=quickstart",
+        "data=synthetic",
+        "trainer=ddp",
+        "trainer.accelerator=auto",
+        "trainer.max_epochs=1",
+        "logger=none",
+        "trainer.sync_batchnorm=true,false",
+        f"hydra.sweep.dir={sweep}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        cwd=tmp_path,
     )
     assert result.returncode != 0  # Hydra reports the failed job at the end of the sweep
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]  # no stray sweep of a child

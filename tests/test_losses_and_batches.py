@@ -1,7 +1,5 @@
 """Unit tests of the contrastive loss, on-device batching and augmentation."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,7 +44,9 @@ def test_same_class_captions_are_positives_not_negatives():
 def _batches(world_size, rank, n=50, batch=4, shuffle=True, drop_last=True):
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()
     spec = ImageSpec(size=2, mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255))  # normalised value == index
-    return DeviceBatches(images, torch.arange(n), batch, spec, shuffle=shuffle, drop_last=drop_last, rank=rank, world_size=world_size, seed=3)
+    return DeviceBatches(
+        images, torch.arange(n), batch, spec, shuffle=shuffle, drop_last=drop_last, rank=rank, world_size=world_size, seed=3
+    )
 
 
 def test_ranks_together_see_the_single_process_global_batches():

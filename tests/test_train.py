@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from conftest import CIFAR10, ROOT, compose_config, run_script
 
 from clipbench.training import train
-from conftest import CIFAR10, ROOT, compose_config, run_script
 
 FAST = ["logger=none", "trainer.enable_progress_bar=false"]
 
@@ -64,8 +63,16 @@ def test_resume_continues_the_step_count(tmp_path, cache_dir):
 def test_multirun_sweep_writes_a_summary(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_script(
-        "train.py", "-m", "experiment=quickstart", "data=synthetic", "trainer.fast_dev_run=true", "logger=none",
-        "model.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={tmp_path / 'cache'}", cwd=tmp_path,
+        "train.py",
+        "-m",
+        "experiment=quickstart",
+        "data=synthetic",
+        "trainer.fast_dev_run=true",
+        "logger=none",
+        "model.lr=1e-3,2e-3",
+        f"hydra.sweep.dir={sweep}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = pd.read_csv(sweep / "summary.csv")
@@ -77,7 +84,12 @@ def test_multirun_sweep_writes_a_summary(tmp_path):
 def test_wandb_logger_runs_offline_and_logs_figures(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = compose_config("train", ["experiment=quickstart", "data=synthetic", "trainer.max_epochs=1", "logger=wandb", "logger.wandb.name=test"], tmp_path, cache_dir)
+    cfg = compose_config(
+        "train",
+        ["experiment=quickstart", "data=synthetic", "trainer.max_epochs=1", "logger=wandb", "logger.wandb.name=test"],
+        tmp_path,
+        cache_dir,
+    )
     train(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1

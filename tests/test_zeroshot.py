@@ -12,6 +12,7 @@ import open_clip
 import pandas as pd
 import pytest
 import torch
+from conftest import compose_config
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from PIL import Image
 
@@ -25,7 +26,6 @@ from clipbench.models.backbone import ImageSpec
 from clipbench.models.openclip import OpenCLIP
 from clipbench.tasks.zeroshot import zeroshot
 from clipbench.training import train
-from conftest import compose_config
 
 CPU = torch.device("cpu")
 
@@ -62,9 +62,17 @@ def test_matches_open_clips_zero_shot_classifier(weights):
 
 
 def test_checkpoint_reproduces_train_py_test_accuracy(tmp_path, cache_dir):
-    fast = ["model.backbone.embed_dim=32", "model.backbone.text_width=32", "model.backbone.text_layers=1",
-            "model.backbone.image_tower.widths=[16,32,32]", "data.batch_size=64", "+trainer.limit_train_batches=2",
-            "~callbacks.prediction_grid", "~callbacks.epoch_history", "trainer.enable_progress_bar=false"]
+    fast = [
+        "model.backbone.embed_dim=32",
+        "model.backbone.text_width=32",
+        "model.backbone.text_layers=1",
+        "model.backbone.image_tower.widths=[16,32,32]",
+        "data.batch_size=64",
+        "+trainer.limit_train_batches=2",
+        "~callbacks.prediction_grid",
+        "~callbacks.epoch_history",
+        "trainer.enable_progress_bar=false",
+    ]
     overrides = ["experiment=quickstart", "trainer.max_epochs=2", "logger=none", "test_ckpt=last"]
     trained = train(compose_config("train", [*overrides, *fast], tmp_path / "train", cache_dir))
     ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
@@ -112,14 +120,27 @@ def test_several_models_side_by_side(weights, tmp_path, cache_dir):
     overrides = ["data=digits", "task.templates=single"]
     for name in weights:
         short = name.rsplit("-", 1)[1]
-        overrides += [f"+model@task.models.{short}=open_clip", f"task.models.{short}.backbone.model_name={name}",
-                      f"task.models.{short}.backbone.pretrained={weights[name]}"]
+        overrides += [
+            f"+model@task.models.{short}=open_clip",
+            f"task.models.{short}.backbone.model_name={name}",
+            f"task.models.{short}.backbone.pretrained={weights[name]}",
+        ]
     cfg = compose_config("evaluate", overrides, tmp_path, tmp_path / "cache")
     metrics = evaluate(cfg)
 
     table = pd.read_csv(tmp_path / "digits_zeroshot.csv")
     assert list(table["model"]) == ["vit", "rn"]
-    assert list(table.columns[:9]) == ["model", "dataset", "acc1", "acc5", "mean_recall", "silhouette", "num_samples", "seconds", "images_per_s"]
+    assert list(table.columns[:9]) == [
+        "model",
+        "dataset",
+        "acc1",
+        "acc5",
+        "mean_recall",
+        "silhouette",
+        "num_samples",
+        "seconds",
+        "images_per_s",
+    ]
     assert (table["num_samples"] == 360).all() and (table["images_per_s"] > 0).all()
     assert (tmp_path / "digits_zeroshot.png").stat().st_size > 5_000
     assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
@@ -159,7 +180,7 @@ def test_user_json_of_templates_and_class_names(weights, tmp_path):
     assert metrics["test/acc5"] == pytest.approx(expected.acc5, abs=1e-6)
 
     spec.write_text(json.dumps({"templates": templates, "classnames": names[:3]}))
-    with pytest.raises(ConfigError, match="task.class_names"):
+    with pytest.raises(ConfigError, match=r"task\.class_names"):
         evaluate(compose_config("evaluate", overrides, tmp_path, tmp_path / "cache"))
 
 
@@ -168,7 +189,7 @@ def test_ckpt_path_is_shorthand_for_the_clipbench_model(tmp_path):
     assert model_entries(cfg)["clipbench"].backbone.path == "some/last.ckpt"
     with pytest.raises(ConfigError, match="ckpt_path"):
         model_entries(compose_config("evaluate", ["ckpt_path=some/last.ckpt", "model=open_clip"], tmp_path, tmp_path))
-    with pytest.raises(ConfigError, match="model.backbone.path must be set .*ckpt_path="):
+    with pytest.raises(ConfigError, match=r"model\.backbone\.path must be set .*ckpt_path="):
         model_entries(compose_config("evaluate", [], tmp_path, tmp_path))
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import lightning as L
 import torch
@@ -32,8 +32,13 @@ def _source(name: str, root: str | None, download: bool, seed: int, synthetic_sa
     """``load(split=...)`` -> dataset, for the dataset called ``name`` (picklable, for spawned ranks)."""
     # torchvision's benchmark datasets: (root, split, download) -> dataset, in torchvision's layout under root
     torchvision = {
-        "food101": sources.food101, "caltech101": sources.caltech101, "oxford_pets": sources.oxford_pets, "stl10": sources.stl10,
-        "dtd": sources.dtd, "eurosat": sources.eurosat, "fashion_mnist": sources.fashion_mnist,
+        "food101": sources.food101,
+        "caltech101": sources.caltech101,
+        "oxford_pets": sources.oxford_pets,
+        "stl10": sources.stl10,
+        "dtd": sources.dtd,
+        "eurosat": sources.eurosat,
+        "fashion_mnist": sources.fashion_mnist,
     }
     needs_root = {"cifar10", "cifar100", "imagefolder", *torchvision}
     if name in needs_root and not root:
@@ -84,7 +89,9 @@ def decode(dataset: Dataset, size: int, num_workers: int, desc: str) -> TensorIm
     images = torch.cat([p[0] for p in parts])
     labels = torch.cat([p[1] for p in parts])
     if len(labels) < len(dataset):
-        log.warning("%s: %d of %d images were unreadable and are left out (see warnings above)", desc, len(dataset) - len(labels), len(dataset))
+        log.warning(
+            "%s: %d of %d images were unreadable and are left out (see warnings above)", desc, len(dataset) - len(labels), len(dataset)
+        )
     return TensorImages(images, labels, dataset.classes)
 
 
@@ -139,10 +146,12 @@ class CLIPDataModule(L.LightningDataModule):
                 f"data.val_fraction={self.val_fraction} holds out {held_out} of {len(labels)} training images, "
                 f"fewer than the {num_classes} classes; raise it, or set 0 to validate on the test split"
             )
-        fit_idx, val_idx = train_test_split(
-            range(len(labels)), test_size=self.val_fraction, stratify=labels, random_state=self.seed
+        fit_idx, val_idx = train_test_split(range(len(labels)), test_size=self.val_fraction, stratify=labels, random_state=self.seed)
+        pick = (
+            (lambda idx: train.subset(torch.as_tensor(idx)))
+            if isinstance(train, TensorImages)
+            else (lambda idx: torch.utils.data.Subset(train, idx))
         )
-        pick = (lambda idx: train.subset(torch.as_tensor(idx))) if isinstance(train, TensorImages) else (lambda idx: torch.utils.data.Subset(train, idx))
         return {"train": pick(fit_idx), "val": pick(val_idx)}
 
     def _decoded(self, dataset: Dataset, split: str) -> TensorImages:

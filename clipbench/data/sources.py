@@ -7,8 +7,8 @@ fits in memory at a fixed size is a :class:`TensorImages`, which the on-device p
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ class TensorImages(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         return self.images[i], int(self.labels[i])
 
-    def subset(self, index: Tensor) -> "TensorImages":
+    def subset(self, index: Tensor) -> TensorImages:
         return TensorImages(self.images[index], self.labels[index], self.classes)
 
 
@@ -172,8 +172,9 @@ def food101(root: str | Path, split: str, download: bool) -> ListedImages:
     from torchvision.datasets import Food101
 
     root = Path(root).expanduser()
-    ds = _torchvision("Food-101", "<root>/food-101/images and <root>/food-101/meta", root,
-                      lambda: Food101(str(root), split=split, download=download))
+    ds = _torchvision(
+        "Food-101", "<root>/food-101/images and <root>/food-101/meta", root, lambda: Food101(str(root), split=split, download=download)
+    )
     return ListedImages(zip(ds._image_files, ds._labels), ds.classes)
 
 
@@ -183,8 +184,12 @@ def caltech101(root: str | Path, split: str, download: bool) -> ListedImages:
     from torchvision.datasets import Caltech101
 
     root = Path(root).expanduser()
-    ds = _torchvision("Caltech-101", "<root>/caltech101/101_ObjectCategories/<class>/image_NNNN.jpg", root,
-                      lambda: Caltech101(str(root), target_type="category", download=download))
+    ds = _torchvision(
+        "Caltech-101",
+        "<root>/caltech101/101_ObjectCategories/<class>/image_NNNN.jpg",
+        root,
+        lambda: Caltech101(str(root), target_type="category", download=download),
+    )
     folder = Path(ds.root) / "101_ObjectCategories"
     files = [folder / ds.categories[y] / f"image_{i:04d}.jpg" for i, y in zip(ds.index, ds.y)]
     chosen = _stratified_split(ds.y, split)
@@ -197,8 +202,12 @@ def oxford_pets(root: str | Path, split: str, download: bool) -> ListedImages:
 
     root = Path(root).expanduser()
     tv_split = "trainval" if split == "train" else "test"
-    ds = _torchvision("Oxford-IIIT Pets", "<root>/oxford-iiit-pet/images and <root>/oxford-iiit-pet/annotations", root,
-                      lambda: OxfordIIITPet(str(root), split=tv_split, target_types="category", download=download))
+    ds = _torchvision(
+        "Oxford-IIIT Pets",
+        "<root>/oxford-iiit-pet/images and <root>/oxford-iiit-pet/annotations",
+        root,
+        lambda: OxfordIIITPet(str(root), split=tv_split, target_types="category", download=download),
+    )
     return ListedImages(zip(ds._images, ds._labels), ds.classes)
 
 
@@ -238,6 +247,7 @@ def fashion_mnist(root: str | Path, split: str, download: bool) -> TensorImages:
     from torchvision.datasets import FashionMNIST
 
     root = Path(root).expanduser()
-    ds = _torchvision("Fashion-MNIST", "<root>/FashionMNIST/raw/*-ubyte", root,
-                      lambda: FashionMNIST(str(root), train=split == "train", download=download))
+    ds = _torchvision(
+        "Fashion-MNIST", "<root>/FashionMNIST/raw/*-ubyte", root, lambda: FashionMNIST(str(root), train=split == "train", download=download)
+    )
     return TensorImages(_gray_to_rgb(ds.data), ds.targets, ds.classes)

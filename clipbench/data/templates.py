@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 # Several phrasings per class; training picks one at random per sample.
 TRAIN_TEMPLATES = (

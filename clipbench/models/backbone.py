@@ -12,8 +12,8 @@ import functools
 import math
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 from urllib.parse import urlparse
 from urllib.request import getproxies
 

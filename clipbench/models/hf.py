@@ -17,7 +17,8 @@ What each family exposes as its projections (used for projection-only training):
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import huggingface_hub
 import torch
@@ -57,7 +58,7 @@ class _HFBackbone(CLIPBackbone):
     """Shared by CLIP and SigLIP: both have ``vision_model``/``text_model`` with the same layout."""
 
     model_class: type
-    projection_paths: dict[str, str]
+    projection_paths: ClassVar[dict[str, str]]
 
     def __init__(self, name_or_path: str) -> None:
         super().__init__()
@@ -110,7 +111,7 @@ class HFCLIP(_HFBackbone):
     """``transformers.CLIPModel``, e.g. ``openai/clip-vit-base-patch32``."""
 
     model_class = CLIPModel
-    projection_paths = {"image": "visual_projection", "text": "text_projection"}
+    projection_paths: ClassVar[dict[str, str]] = {"image": "visual_projection", "text": "text_projection"}
 
 
 class HFSigLIP(_HFBackbone):
@@ -121,7 +122,7 @@ class HFSigLIP(_HFBackbone):
     """
 
     model_class = SiglipModel
-    projection_paths = {"image": "vision_model.head.mlp.fc2", "text": "text_model.head"}
+    projection_paths: ClassVar[dict[str, str]] = {"image": "vision_model.head.mlp.fc2", "text": "text_model.head"}
 
     def logit_bias(self) -> Tensor:
         return self.model.logit_bias.reshape(())

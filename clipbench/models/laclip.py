@@ -17,7 +17,7 @@ The weights are loaded strictly: a checkpoint that does not match the architectu
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 import timm
 import torch

@@ -4,7 +4,7 @@ pretrained tag (downloaded by open_clip), a local weights file, or none (random 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import open_clip
 import torch

@@ -4,7 +4,7 @@ CLIP's BPE tokenizer (its vocabulary ships with open_clip, so it works offline).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.tokenizer import SimpleTokenizer

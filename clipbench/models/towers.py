@@ -7,6 +7,8 @@ name it for projection-only fine-tuning and purity analysis.
 
 from __future__ import annotations
 
+import itertools
+
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import Tensor, nn
@@ -63,7 +65,7 @@ class CifarResNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, stem_width, 2, bias=True), nn.GELU())
         chans = [stem_width, *widths]
-        self.groups = nn.Sequential(*[_ConvGroup(a, b) for a, b in zip(chans[:-1], chans[1:])])
+        self.groups = nn.Sequential(*[_ConvGroup(a, b) for a, b in itertools.pairwise(chans)])
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.proj = nn.Linear(widths[-1], embed_dim, bias=False)
 
