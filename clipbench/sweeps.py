@@ -3,6 +3,11 @@
 Written after every job rather than once at the end: Hydra re-raises a failed job's error before
 its end-of-sweep hook, so a summary written only there would be lost with one bad job. A failed
 job gets a row too, with its error, and the sweep's other jobs still count.
+
+A task or experiment whose sweep deserves its own tables and plots (accuracy against lambda, purity
+against Cs, ...) names a function in the config key ``sweep_summary`` (a dotted path; evaluate.py
+takes it from ``task.sweep_summary``). It is called as ``fn(sweep_dir, summary)`` after the generic
+summary, with the rows of every job so far, and writes its files into ``sweep_dir``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import pandas as pd
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from clipbench import plots
@@ -48,8 +54,9 @@ def _number(text: str) -> Any:
         return text
 
 
-def write_summary(sweep_dir: Path) -> pd.DataFrame:
-    """``summary.csv`` and, once two jobs succeeded, ``summary.png`` (test metrics vs the swept key)."""
+def write_summary(sweep_dir: Path, task_summary: str | None = None) -> pd.DataFrame:
+    """``summary.csv`` and, once two jobs succeeded, ``summary.png`` (test metrics vs the swept key);
+    then the task's own summary function, if ``task_summary`` names one."""
     summary = collect(sweep_dir)
     if summary.empty:
         return summary
@@ -59,6 +66,8 @@ def write_summary(sweep_dir: Path) -> pd.DataFrame:
     metrics = [c for c in done.columns if c.startswith("test/")] or [c for c in done.columns if "/" in c]
     if swept and metrics and len(done) > 1:
         plots.sweep_plot(done, swept[0], metrics, sweep_dir / "summary.png")
+    if task_summary:
+        get_method(task_summary)(sweep_dir, summary)
     return summary
 
 
@@ -71,5 +80,5 @@ class SweepSummary(Callback):
         if job_return.status == JobStatus.FAILED:
             error = job_return._return_value  # Hydra keeps the exception here; .return_value re-raises it
             (Path(config.hydra.runtime.output_dir) / ERROR_FILE).write_text(f"{type(error).__name__}: {error}")
-        summary = write_summary(Path(config.hydra.sweep.dir))
+        summary = write_summary(Path(config.hydra.sweep.dir), OmegaConf.select(config, "sweep_summary", default=None))
         log.info("sweep summary (%d jobs so far): %s", len(summary), Path(config.hydra.sweep.dir) / "summary.csv")
