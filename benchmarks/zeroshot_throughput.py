@@ -125,7 +125,7 @@ def main() -> None:
 
     # ------------------------------------------------------- clipbench path
     t0 = time.perf_counter()
-    decoded = decode(picked, 32, args.num_workers, "decode cifar10/test") if real else picked
+    decoded = decode(picked, spec, 32, args.num_workers, "decode cifar10/test") if real else picked
     images = decoded.images.to(dev)
     C.sync(device)
     decode_s = time.perf_counter() - t0

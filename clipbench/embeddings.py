@@ -7,10 +7,10 @@ one device: a split is a single pass of inference in dataset order, each sample 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from clipbench.data.datamodule import CLIPDataModule
+from clipbench.data.datamodule import CLIPDataModule, atomic_save
 from clipbench.data.device_batches import DeviceBatches
 from clipbench.models.backbone import CLIPBackbone, ImageSpec
 
@@ -72,7 +72,7 @@ class EvalDataModule(CLIPDataModule):
             "split": split,
             "decode_size": self.decode_size if self.on_device else None,
             "samples": len(self.dataset(split)),
-            "seed": self.seed,  # digits' and synthetic's splits depend on it
+            "interpolation": self.image_spec.interpolation,
         }
 
 
@@ -97,22 +97,33 @@ def inference(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]
         yield
 
 
-def _file_stats(path: Path) -> list:
-    return [path.stat().st_size, path.stat().st_mtime_ns]
+@functools.lru_cache(maxsize=256)
+def _hash_file(path: Path, size: int, mtime_ns: int) -> str:
+    """SHA-1 of a file's bytes; memoised by (path, size, mtime) so a sweep hashes each file once."""
+    digest = hashlib.sha1()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _content(path: Path) -> str:
+    stat = path.stat()
+    return _hash_file(path.resolve(), stat.st_size, stat.st_mtime_ns)
 
 
 def model_identity(backbone_cfg: DictConfig | Mapping) -> dict[str, Any]:
-    """What a model's embeddings depend on: its resolved backbone config, and the size and mtime of
+    """What a model's embeddings depend on: its resolved backbone config, and the content (SHA-1) of
     every file it names (of each file in a directory it names), so that weights rewritten at the same
-    path (a retrained ``last.ckpt``) are encoded afresh."""
+    path (a retrained ``last.ckpt``) are encoded afresh, and a copy elsewhere is recognised."""
     config = OmegaConf.to_container(backbone_cfg, resolve=True) if isinstance(backbone_cfg, DictConfig) else dict(backbone_cfg)
-    files: dict[str, list] = {}
+    files: dict[str, Any] = {}
     for value in _strings(config):
         path = Path(value).expanduser()
         if path.is_file():
-            files[value] = _file_stats(path)
+            files[value] = _content(path)
         elif path.is_dir():
-            files[value] = sorted([p.name, *_file_stats(p)] for p in path.iterdir() if p.is_file())
+            files[value] = sorted((p.name, _content(p)) for p in path.iterdir() if p.is_file())
     return {"config": config, "files": files}
 
 
@@ -166,13 +177,11 @@ def image_embeddings(
     path = cache_file(cache_dir, model_id, datamodule, split, dtype) if cache_dir is not None and model_id is not None else None
     if path is not None and path.exists():
         log.info("image embeddings of %s/%s from the cache: %s", datamodule.name, split, path)
-        cached = torch.load(path)
+        cached = torch.load(path, weights_only=True)
         return cached["features"], cached["labels"]
     batches = datamodule.eval_batches(split, device)
     features, labels = encode_images(backbone, batches, device, dtype, f"encode {datamodule.name}/{split}")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")  # a killed run leaves no truncated cache entry
-        torch.save({"features": features, "labels": labels}, partial)
-        partial.replace(path)
+        atomic_save({"features": features, "labels": labels}, path)
     return features, labels

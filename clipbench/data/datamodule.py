@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import lightning as L
 import torch
+from filelock import FileLock
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -28,8 +30,11 @@ from clipbench.models.backbone import ImageSpec
 log = logging.getLogger(__name__)
 
 
-def _source(name: str, root: str | None, download: bool, seed: int, synthetic_samples: int) -> Callable[[str], Dataset]:
-    """``load(split=...)`` -> dataset, for the dataset called ``name`` (picklable, for spawned ranks)."""
+def _source(name: str, root: str | None, download: bool, synthetic_samples: int) -> Callable[[str], Dataset]:
+    """``load(split=...)`` -> dataset, for the dataset called ``name`` (picklable, for spawned ranks).
+
+    No split depends on the run's seed: a seed sweep compares models on the same test set.
+    """
     # torchvision's benchmark datasets: (root, split, download) -> dataset, in torchvision's layout under root
     torchvision = {
         "food101": sources.food101,
@@ -44,8 +49,8 @@ def _source(name: str, root: str | None, download: bool, seed: int, synthetic_sa
     if name in needs_root and not root:
         raise DataError(f"data.root must be set for data.name={name}")
     table: dict[str, Callable[[str], Dataset]] = {
-        "digits": partial(sources.digits, seed=seed),
-        "synthetic": partial(sources.synthetic, samples=synthetic_samples, seed=seed),
+        "digits": sources.digits,
+        "synthetic": partial(sources.synthetic, samples=synthetic_samples),
         "cifar10": partial(sources.cifar, 10, root, download=download),
         "cifar100": partial(sources.cifar, 100, root, download=download),
         "imagefolder": partial(sources.image_folder, root),
@@ -76,14 +81,12 @@ def _collate_readable(batch: list) -> tuple[Tensor, Tensor]:
     return torch.stack([img for img, _ in kept]), torch.tensor([label for _, label in kept])
 
 
-def decode(dataset: Dataset, size: int, num_workers: int, desc: str) -> TensorImages:
-    """Decode a dataset into uint8 tensors at ``size`` x ``size`` (short-side resize, centre crop)."""
+def decode(dataset: Dataset, spec: ImageSpec, size: int, num_workers: int, desc: str) -> TensorImages:
+    """Decode a dataset into uint8 tensors at ``size`` x ``size`` (:meth:`ImageSpec.fit`: the model's
+    interpolation, short-side resize, centre crop)."""
     if isinstance(dataset, TensorImages):
-        if dataset.images.shape[-1] == size and dataset.images.shape[-2] == size:
-            return dataset
-        resized = v2.functional.center_crop(v2.functional.resize(dataset.images, size, antialias=True), size)
-        return TensorImages(resized, dataset.labels, dataset.classes)
-    to_uint8 = v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+        return TensorImages(spec.fit(dataset.images, size), dataset.labels, dataset.classes)
+    to_uint8 = v2.Compose([v2.ToImage(), partial(spec.fit, size=size)])
     loader = DataLoader(_Transformed(dataset, to_uint8), batch_size=512, num_workers=num_workers, collate_fn=_collate_readable)
     parts = [batch for batch in tqdm(loader, desc=desc, unit="batch")]
     images = torch.cat([p[0] for p in parts])
@@ -93,6 +96,27 @@ def decode(dataset: Dataset, size: int, num_workers: int, desc: str) -> TensorIm
             "%s: %d of %d images were unreadable and are left out (see warnings above)", desc, len(dataset) - len(labels), len(dataset)
         )
     return TensorImages(images, labels, dataset.classes)
+
+
+def _content_key(dataset: Dataset) -> str:
+    """What a decoded folder tree depends on: each file's path and size (a rewritten image of another
+    size, or an added or removed file, is a new dataset), and its label."""
+    listing = "\n".join(f"{path}\t{Path(path).stat().st_size}\t{label}" for path, label in dataset.samples)
+    return hashlib.sha1(listing.encode()).hexdigest()[:16]
+
+
+def decoded_cache_file(cache_dir: Path, name: str, split: str, dataset: Dataset, spec: ImageSpec, size: int) -> Path:
+    """``<cache_dir>/decoded/<name>_<split>_<size>px_<key>.pt``: the key covers the files and how they
+    are resized (the model's interpolation)."""
+    key = hashlib.sha1(f"{_content_key(dataset)}\n{size}\n{spec.interpolation}".encode()).hexdigest()[:16]
+    return Path(cache_dir) / "decoded" / f"{name}_{split}_{size}px_{key}.pt"
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a killed writer leaves no truncated file."""
+    partial_file = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(obj, partial_file)
+    partial_file.replace(path)
 
 
 class CLIPDataModule(L.LightningDataModule):
@@ -121,7 +145,7 @@ class CLIPDataModule(L.LightningDataModule):
         self.augment = Augment(crop_padding, hflip)
         self.decode_size = decode_size or image_spec.size
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self._load = _source(name, root, download, seed, synthetic_samples)
+        self._load = _source(name, root, download, synthetic_samples)
         self.splits: dict[str, Dataset] = {}
         self.class_names: list[str] = []
 
@@ -155,18 +179,23 @@ class CLIPDataModule(L.LightningDataModule):
         return {"train": pick(fit_idx), "val": pick(val_idx)}
 
     def _decoded(self, dataset: Dataset, split: str) -> TensorImages:
-        """Decode once; cache folder trees on disk keyed by their location, size and file list."""
+        """Decode once; cache folder trees on disk, keyed by their content (see :func:`decoded_cache_file`).
+
+        Under DDP every rank calls this at once: the first to take the lock decodes and writes the
+        cache (to a temporary file, then renamed, so nobody reads half a file); the others wait on the
+        lock and read what it wrote.
+        """
+        decode_here = partial(decode, dataset, self.image_spec, self.decode_size, self.num_workers, f"decode {self.name}/{split}")
         if isinstance(dataset, TensorImages) or self.cache_dir is None:
-            return decode(dataset, self.decode_size, self.num_workers, f"decode {self.name}/{split}")
-        files = "\n".join(str(p) for p, _ in dataset.samples)
-        key = hashlib.sha1(f"{self.decode_size}\n{files}".encode()).hexdigest()[:16]
-        path = self.cache_dir / "decoded" / f"{self.name}_{split}_{self.decode_size}px_{key}.pt"
-        if path.exists():
-            cached = torch.load(path)
-            return TensorImages(cached["images"], cached["labels"], cached["classes"])
-        decoded = decode(dataset, self.decode_size, self.num_workers, f"decode {self.name}/{split}")
+            return decode_here()
+        path = decoded_cache_file(self.cache_dir, self.name, split, dataset, self.image_spec, self.decode_size)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"images": decoded.images, "labels": decoded.labels, "classes": decoded.classes}, path)
+        with FileLock(f"{path}.lock"):
+            if path.exists():
+                cached = torch.load(path, weights_only=True)
+                return TensorImages(cached["images"], cached["labels"], cached["classes"])
+            decoded = decode_here()
+            atomic_save({"images": decoded.images, "labels": decoded.labels, "classes": decoded.classes}, path)
         return decoded
 
     # -------------------------------------------------------------- dataloaders
@@ -189,15 +218,13 @@ class CLIPDataModule(L.LightningDataModule):
         )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        spec = self.image_spec
-        steps: list = [v2.ToImage(), v2.Resize(spec.size, antialias=True), v2.CenterCrop(spec.size)]
+        spec, augment = self.image_spec, []
         if train and self.augment.crop_padding > 0:
-            steps.append(v2.RandomCrop(spec.size, padding=self.augment.crop_padding, padding_mode="reflect"))
+            augment.append(v2.RandomCrop(spec.size, padding=self.augment.crop_padding, padding_mode="reflect"))
         if train and self.augment.hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
+            augment.append(v2.RandomHorizontalFlip())
         return DataLoader(
-            _Transformed(self.splits[split], v2.Compose(steps)),
+            _Transformed(self.splits[split], spec.pil_transform(augment)),
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
             drop_last=train,

@@ -7,6 +7,7 @@ fits in memory at a fixed size is a :class:`TensorImages`, which the on-device p
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,10 +16,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
+IMAGE_SUFFIXES = IMG_EXTENSIONS  # what torchvision's ImageFolder reads
 SPLITS = ("train", "test")
 
 
@@ -44,38 +48,39 @@ class TensorImages(Dataset):
         return TensorImages(self.images[index], self.labels[index], self.classes)
 
 
-class FolderImages(Dataset):
-    """A class-folder tree (``<root>/<class>/<image>``), read lazily.
+def _open_rgb(path: str) -> Image.Image | None:
+    """ImageFolder's loader, tolerant: an unreadable image is reported and skipped, not fatal."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as err:
+        log.warning("skipping unreadable image %s: %s", path, err)
+        return None
 
-    An unreadable image does not stop a job: ``__getitem__`` returns ``None`` for it and the loaders
-    report the file and the reason (see :func:`clipbench.data.loading.decode`).
+
+class FolderImages(ImageFolder):
+    """A class-folder tree (``<root>/<class>/<image>``), read lazily by torchvision's ``ImageFolder``.
+
+    ``classes`` fixes the class list and order (a test split uses its train split's). An unreadable
+    image does not stop a job: ``__getitem__`` returns ``None`` for it and the loaders drop it
+    (:func:`clipbench.data.datamodule.decode`).
     """
 
     def __init__(self, root: Path, classes: Sequence[str] | None = None) -> None:
-        found = sorted(d.name for d in root.iterdir() if d.is_dir())
-        self.classes = list(classes) if classes is not None else found
-        missing = sorted(set(self.classes) - set(found))
+        self._requested_classes = None if classes is None else list(classes)
+        super().__init__(str(root), loader=_open_rgb, allow_empty=True)
+        self.labels = torch.tensor(self.targets)
+        empty = [name for label, name in enumerate(self.classes) if not (self.labels == label).any()]
+        if empty:
+            raise DataError(f"{root}: class folder '{empty[0]}' has no images (suffixes {sorted(IMAGE_SUFFIXES)})")
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        found = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
+        classes = self._requested_classes or found
+        missing = sorted(set(classes) - set(found))
         if missing:
-            raise DataError(f"{root}: class folders {missing} are missing (every split needs the same classes)")
-        self.samples: list[tuple[Path, int]] = []
-        for label, name in enumerate(self.classes):
-            files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise DataError(f"{root / name}: class folder '{name}' has no images (suffixes {sorted(IMAGE_SUFFIXES)})")
-            self.samples.extend((p, label) for p in files)
-        self.labels = torch.tensor([label for _, label in self.samples])
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[Image.Image | None, int]:
-        path, label = self.samples[i]
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB"), label
-        except Exception as err:  # a corrupt file is reported by the caller, not fatal
-            log.warning("skipping unreadable image %s: %s", path, err)
-            return None, label
+            raise DataError(f"{directory}: class folders {missing} are missing (every split needs the same classes)")
+        return classes, {name: i for i, name in enumerate(classes)}
 
 
 def image_folder(root: str | Path, split: str) -> FolderImages:
@@ -114,23 +119,24 @@ def _stratified_split(labels: Sequence[int], split: str, test_fraction: float = 
 
 def _gray_to_rgb(images: Tensor) -> Tensor:
     """uint8 (N, H, W) grayscale -> (N, 3, H, W)."""
-    return images.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    return v2.functional.grayscale_to_rgb(images.unsqueeze(1)).contiguous()
 
 
-def digits(split: str, test_fraction: float = 0.2, seed: int = 0) -> TensorImages:
+def digits(split: str, test_fraction: float = 0.2) -> TensorImages:
     """scikit-learn's bundled 8x8 digits (1,797 images), a fixed stratified train/test split."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     pixels = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
-    chosen = _stratified_split(bunch.target, split, test_fraction, seed)
+    chosen = _stratified_split(bunch.target, split, test_fraction)
     images = _gray_to_rgb(torch.from_numpy(pixels[chosen]))
     names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     return TensorImages(images, torch.from_numpy(bunch.target[chosen]), names)
 
 
-def synthetic(split: str, size: int = 32, num_classes: int = 10, samples: int = 512, seed: int = 0) -> TensorImages:
-    """Random images whose class sets a colour bias, so a model can learn it (tests, benchmarks)."""
+def synthetic(split: str, size: int = 32, num_classes: int = 10, samples: int = 512, seed: int = SPLIT_SEED) -> TensorImages:
+    """Random images whose class sets a colour bias, so a model can learn it (tests, benchmarks).
+    Fixed by ``seed`` (not the run's): every run sees the same train and test images."""
     g = torch.Generator().manual_seed(seed + SPLITS.index(split))
     labels = torch.randint(0, num_classes, (samples,), generator=g)
     palette = torch.rand(num_classes, 3, 1, 1, generator=torch.Generator().manual_seed(seed)) * 255
@@ -158,13 +164,20 @@ def cifar(num_classes: int, root: str | Path, split: str, download: bool) -> Dat
 # class-folder tree; array-based ones become TensorImages.
 
 
-class ListedImages(FolderImages):
+class ListedImages(Dataset):
     """Image files named by a list of (path, label): a torchvision dataset's index, read like a tree."""
 
     def __init__(self, samples: Sequence[tuple[str | Path, int]], classes: Sequence[str]) -> None:
-        self.samples = [(Path(path), int(label)) for path, label in samples]
+        self.samples = [(str(path), int(label)) for path, label in samples]
         self.classes = list(classes)
         self.labels = torch.tensor([label for _, label in self.samples])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image | None, int]:
+        path, label = self.samples[i]
+        return _open_rgb(path), label
 
 
 def food101(root: str | Path, split: str, download: bool) -> ListedImages:

@@ -18,7 +18,6 @@ from urllib.parse import urlparse
 from urllib.request import getproxies
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
@@ -36,10 +35,12 @@ def _channel_values(values: tuple[float, ...], device: torch.device) -> Tensor:
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """How a model wants its pixels: square resolution and per-channel normalisation.
+    """How a model wants its pixels: square resolution, resampling and per-channel normalisation.
 
-    The same spec yields a per-image PIL transform (for data loaders) and a batched tensor
-    transform (for data kept on the accelerator), so both paths preprocess identically.
+    Every image path resizes with :meth:`fit` (the per-image transform of data loaders, the decode
+    cache, and batches kept on the accelerator), so they all preprocess identically: the model's own
+    interpolation, antialiased (PIL-like) as in the model's own preprocessing, short side to the
+    target size, then a centre crop.
     """
 
     size: int
@@ -47,27 +48,30 @@ class ImageSpec:
     std: tuple[float, float, float] = CLIP_STD
     interpolation: str = "bicubic"
 
-    def _interpolation(self) -> v2.InterpolationMode:
-        return v2.InterpolationMode(self.interpolation)
+    def fit(self, images: Tensor, size: int | None = None) -> Tensor:
+        """uint8 or float (..., C, H, W) on any device -> short side ``size`` (default: the model's),
+        centre-cropped square. Untouched when already that size. Float results of bicubic overshoot
+        are clamped back to [0, 1] (uint8 saturates by itself)."""
+        size = size or self.size
+        if min(images.shape[-2:]) != size:
+            interpolation = v2.InterpolationMode(self.interpolation)
+            images = v2.functional.resize(images, size, interpolation=interpolation, antialias=True)
+            if images.is_floating_point():
+                images = images.clamp(0, 1)
+        if images.shape[-2:] != (size, size):
+            images = v2.functional.center_crop(images, size)
+        return images
 
-    def pil_transform(self) -> v2.Compose:
-        """Resize the short side, centre-crop, scale to [0, 1], normalise."""
+    def pil_transform(self, augment: Sequence | None = None) -> v2.Compose:
+        """A PIL image (or uint8 tensor) -> the model's input: :meth:`fit`, optional augmentation
+        transforms, scale to [0, 1], normalise."""
         return v2.Compose(
-            [
-                v2.ToImage(),
-                v2.Resize(self.size, interpolation=self._interpolation(), antialias=True),
-                v2.CenterCrop(self.size),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(self.mean, self.std),
-            ]
+            [v2.ToImage(), self.fit, *(augment or ()), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
         )
 
     def resize_batch(self, images: Tensor) -> Tensor:
-        """uint8 (B, C, H, W) on any device -> float in [0, 1] at ``size`` (resizes only if needed)."""
-        x = images.float().div_(255.0)
-        if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode=self.interpolation, align_corners=False).clamp_(0, 1)
-        return x
+        """uint8 (B, C, H, W) on any device -> float in [0, 1] at ``size`` (resized only if needed)."""
+        return self.fit(images.float().div_(255.0))
 
     def normalize_batch(self, x: Tensor) -> Tensor:
         return (x - _channel_values(self.mean, x.device)) / _channel_values(self.std, x.device)

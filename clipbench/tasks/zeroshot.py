@@ -29,7 +29,7 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 
 from clipbench import plots
 from clipbench.config import ConfigError
-from clipbench.data.templates import resolve_templates
+from clipbench.data.templates import dataset_class_names, resolve_templates
 from clipbench.embeddings import EvalDataModule, autocast_dtype, cache_file, image_embeddings, inference, model_identity, resolve_device
 from clipbench.models.backbone import CLIPBackbone
 from clipbench.zeroshot import class_embeddings, zeroshot_logits
@@ -121,7 +121,7 @@ def zeroshot(
     ``class_names`` replace the dataset's names (same order and count) in the captions.
     """
     dataset_names = datamodule.dataset(split).classes
-    names = list(class_names) if class_names is not None else list(dataset_names)
+    names = list(class_names) if class_names is not None else dataset_class_names(datamodule.name, dataset_names)
     if len(names) != len(dataset_names):
         raise ConfigError(f"task.class_names has {len(names)} names but data.name={datamodule.name} has {len(dataset_names)} classes")
     dtype = autocast_dtype(precision, device)
@@ -184,7 +184,7 @@ def run(cfg: DictConfig, models: Mapping[str, DictConfig], out: Path) -> dict[st
     """``evaluate.py task=zeroshot``: every model of ``models`` (name -> model config) on ``data``'s test split."""
     task = cfg.task
     try:
-        templates = resolve_templates(task.templates)
+        templates = resolve_templates(task.templates, dataset=cfg.data.name)
     except (ValueError, KeyError) as err:  # KeyError: a JSON object without "templates"
         raise ConfigError(f"task.templates={task.templates} is invalid: {err}") from err
     class_names = load_class_names(task.class_names)
