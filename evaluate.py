@@ -6,9 +6,10 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
-    from clipbench.evaluation import evaluate  # imported here so --help and config errors are instant
+    from clipbench import runs  # imported here so --help and config errors are instant
+    from clipbench.evaluation import evaluate
 
-    return evaluate(cfg).get("test/acc1")
+    return runs.optimized_metric(cfg, evaluate(cfg))
 
 
 if __name__ == "__main__":

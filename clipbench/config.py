@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -30,9 +31,12 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.num_workers", lambda v: v >= 0, "non-negative"),
     ("data.val_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("data.crop_padding", lambda v: v >= 0, "non-negative"),
+    ("data.cs", lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    ("data.misalign.mode", lambda v: v in ("similarity", "random"), "similarity or random"),
+    ("data.misalign.top_k", lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+    ("model.warmup_epochs", lambda v: v >= 0, "non-negative"),
     ("trainer.max_epochs", lambda v: v == -1 or v > 0, "positive (or -1 for no limit)"),
     ("test_ckpt", lambda v: v in ("best", "last"), "'best' or 'last'"),
-    ("task.precision", lambda v: v in ("auto", "bf16", "fp16", "fp32"), "auto, bf16, fp16 or fp32"),
     ("task.device", lambda v: v == "auto" or v.split(":")[0] in ("cpu", "cuda", "mps", "xpu"), "auto, cpu, cuda or cuda:<index>"),
     ("task.silhouette_samples", lambda v: v > 1, "an integer above 1"),
 ]
@@ -43,10 +47,29 @@ def _check_combinations(cfg: DictConfig) -> None:
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not Path(ckpt_path).expanduser().is_file():
         raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file (train.py writes them under <run dir>/checkpoints/)")
+    if OmegaConf.select(cfg, "data.val_fraction", default=None) == 0:
+        # Validation then runs on the test split: selecting anything by it selects on the test set.
+        if cfg.get("test_ckpt") == "best":
+            raise ConfigError(
+                "test_ckpt=best with data.val_fraction=0 would pick the tested checkpoint by its test accuracy "
+                "(validation runs on the test split): set test_ckpt=last, or hold out data.val_fraction > 0"
+            )
+        if _optimizing_sweep() and str(cfg.get("optimized_metric") or "").startswith("val/"):
+            raise ConfigError(
+                f"optimized_metric={cfg.optimized_metric} with data.val_fraction=0 would tune hyper-parameters on the "
+                "test split (validation runs on it): hold out data.val_fraction > 0"
+            )
     if OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False) and OmegaConf.select(cfg, "trainer.accelerator") == "cpu":
         raise ConfigError(
             "trainer.sync_batchnorm=true needs GPUs (SyncBatchNorm is CUDA-only); set trainer.sync_batchnorm=false for DDP on CPUs"
         )
+
+
+def _optimizing_sweep() -> bool:
+    """Whether this job belongs to a sweep that optimises a metric (Optuna, not a plain grid)."""
+    if not HydraConfig.initialized():
+        return False
+    return "BasicSweeper" not in str(OmegaConf.select(HydraConfig.get(), "sweeper._target_", default=""))
 
 
 def validate(cfg: DictConfig) -> None:

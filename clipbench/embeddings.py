@@ -1,8 +1,8 @@
 """Image embeddings of a dataset split, computed once per (model, dataset, split) and cached on disk.
 
 Every evaluation task starts from these (zero-shot classification, sparse concepts, purity, pruning),
-so a sweep over a task's own options never re-encodes the images. Evaluation runs in one process on
-one device: a split is a single pass of inference in dataset order, each sample encoded exactly once.
+so a sweep over a task's own options never re-encodes the images. The encoding itself runs on
+Lightning's predict loop (:func:`clipbench.modules.evaluation.predict_embeddings`).
 """
 
 from __future__ import annotations
@@ -12,23 +12,19 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Dataset
 
-from clipbench.data.datamodule import CLIPDataModule, atomic_save
+from clipbench.data.datamodule import CLIPDataModule, _collate_readable, _Transformed, atomic_save
 from clipbench.data.device_batches import DeviceBatches
-from clipbench.models.backbone import CLIPBackbone, ImageSpec
+from clipbench.models.backbone import ImageSpec
 
 log = logging.getLogger(__name__)
-
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class EvalDataModule(CLIPDataModule):
@@ -64,6 +60,30 @@ class EvalDataModule(CLIPDataModule):
         decoded = self._decoded(data, split)
         return DeviceBatches(decoded.images.to(device), decoded.labels.to(device), self.eval_batch_size, self.image_spec)
 
+    def predict_batches(self, split: str, device: torch.device, rank: int = 0, world_size: int = 1) -> Iterable[tuple[Tensor, ...]]:
+        """Like :meth:`eval_batches`, each sample with its position in the split: (images, labels,
+        index), for Lightning's predict loop. Under DDP a DataLoader is sharded by Lightning's
+        unrepeated distributed sampler; on-device batches shard themselves (``rank`` of ``world_size``).
+        Neither pads: every sample goes to exactly one rank, and the index puts it back in place."""
+        data = self.dataset(split)
+        if not self.on_device:
+            return DataLoader(
+                _Indexed(_Transformed(data, self.image_spec.pil_transform())),
+                batch_size=self.eval_batch_size,
+                num_workers=self.num_workers,
+                collate_fn=_collate_readable,
+            )
+        decoded = self._decoded(data, split)
+        return DeviceBatches(
+            decoded.images.to(device),
+            decoded.labels.to(device),
+            self.eval_batch_size,
+            self.image_spec,
+            rank=rank,
+            world_size=world_size,
+            indexed=True,
+        )
+
     def identity(self, split: str) -> dict[str, Any]:
         """What a split's embeddings depend on, besides the model."""
         return {
@@ -76,25 +96,24 @@ class EvalDataModule(CLIPDataModule):
         }
 
 
+class _Indexed(Dataset):
+    """(image, label) samples as (image, label, index)."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple:
+        return (*self.base[i], i)
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto``: the GPU if there is one, else the CPU; anything else is a torch device string."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 on CUDA, full precision elsewhere (CPU autocast is slower than fp32)."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return AUTOCAST[precision]
-
-
-@contextmanager
-def inference(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
-    """No autograd, and autocast to ``dtype`` (None: full precision)."""
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        yield
 
 
 @functools.lru_cache(maxsize=256)
@@ -146,42 +165,13 @@ def cache_file(cache_dir: str | Path, model_id: Mapping, datamodule: EvalDataMod
     return Path(cache_dir) / "embeddings" / f"{datamodule.name}_{split}_{digest}.pt"
 
 
-def encode_images(
-    backbone: CLIPBackbone, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device, dtype: torch.dtype | None, desc: str
-) -> tuple[Tensor, Tensor]:
-    """Image embeddings (float32, unnormalised) and labels of every batch, both on the CPU."""
-    features, labels = [], []
-    with inference(device, dtype):
-        for images, targets in tqdm(batches, desc=desc, unit="batch"):
-            features.append(backbone.encode_image(images.to(device, non_blocking=True)).float())
-            labels.append(targets)
-    return torch.cat(features).cpu(), torch.cat(labels).cpu()
+def read_cache(path: Path) -> tuple[Tensor, Tensor]:
+    """Cached image embeddings and labels (see :func:`cache_file`)."""
+    log.info("image embeddings from the cache: %s", path)
+    cached = torch.load(path, weights_only=True)
+    return cached["features"], cached["labels"]
 
 
-def image_embeddings(
-    backbone: CLIPBackbone,
-    datamodule: EvalDataModule,
-    split: str = "test",
-    *,
-    device: torch.device,
-    precision: str = "auto",
-    cache_dir: str | Path | None = None,
-    model_id: Mapping | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Image embeddings (N, D) float32, unnormalised, and labels (N,) of ``split``, on the CPU.
-
-    ``backbone`` must already be on ``device`` in eval mode. With ``cache_dir`` and ``model_id``
-    (:func:`model_identity`), a cached result is loaded instead of encoding, and a fresh one saved.
-    """
-    dtype = autocast_dtype(precision, device)
-    path = cache_file(cache_dir, model_id, datamodule, split, dtype) if cache_dir is not None and model_id is not None else None
-    if path is not None and path.exists():
-        log.info("image embeddings of %s/%s from the cache: %s", datamodule.name, split, path)
-        cached = torch.load(path, weights_only=True)
-        return cached["features"], cached["labels"]
-    batches = datamodule.eval_batches(split, device)
-    features, labels = encode_images(backbone, batches, device, dtype, f"encode {datamodule.name}/{split}")
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save({"features": features, "labels": labels}, path)
-    return features, labels
+def write_cache(path: Path, features: Tensor, labels: Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"features": features, "labels": labels}, path)

@@ -25,6 +25,26 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import read_write
 
+# Hydra's command-line flags that choose the primary config; children must compose the same one.
+CONFIG_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
+
+
+def child_argv(argv: list[str], job_overrides: list[str]) -> list[str]:
+    """The command line of this job's extra ranks: the script, the config-choosing flags of ``argv``
+    (``-cn train``, ``--config-dir=/x``, ...), and this job's overrides (not the sweep's)."""
+    flags, args = [], iter(argv[1:])
+    for arg in args:
+        if arg.split("=", 1)[0] in CONFIG_FLAGS:
+            flags += [arg] if "=" in arg else [arg, next(args, "")]
+    return [argv[0], *flags, *job_overrides]
+
+
+def launched_ranks(trainer: L.Trainer) -> list:
+    """The processes Lightning's subprocess launcher started for ranks 1..N-1 (none for other
+    launchers). Lightning keeps them in ``launcher.procs``, not a documented API: the one place we
+    read it, checked by a test that fails if Lightning renames it."""
+    return getattr(trainer.strategy.launcher, "procs", [])
+
 
 def _pin_children_to_this_job(trainer: L.Trainer) -> None:
     """In a multirun job: children re-run exactly this job's overrides, in this job's directory,
@@ -34,7 +54,7 @@ def _pin_children_to_this_job(trainer: L.Trainer) -> None:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return
-    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    sys.argv = child_argv(sys.argv, hydra_cfg.overrides.task)
     with read_write(hydra_cfg.run):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
     if trainer.num_nodes == 1 and "LOCAL_RANK" not in os.environ:
@@ -45,11 +65,11 @@ def _stop_children(trainer: L.Trainer) -> None:
     """Stop this job's extra ranks. Lightning's watchdog thread watches the very list
     ``launcher.procs``: emptying it first tells the watchdog the job is over, so stopping the
     children does not make it kill this process (and the sweep) too."""
-    launcher = trainer.strategy.launcher
-    children = list(getattr(launcher, "procs", []))
+    procs = launched_ranks(trainer)
+    children = list(procs)
     if not children:
         return
-    launcher.procs.clear()
+    procs.clear()
     for child in children:
         child.kill()
         child.wait()

@@ -78,7 +78,9 @@ class SweepSummary(Callback):
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         if job_return.status == JobStatus.FAILED:
-            error = job_return._return_value  # Hydra keeps the exception here; .return_value re-raises it
-            (Path(config.hydra.runtime.output_dir) / ERROR_FILE).write_text(f"{type(error).__name__}: {error}")
+            try:
+                job_return.return_value  # noqa: B018 (a failed job's return_value re-raises its exception)
+            except Exception as error:
+                (Path(config.hydra.runtime.output_dir) / ERROR_FILE).write_text(f"{type(error).__name__}: {error}")
         summary = write_summary(Path(config.hydra.sweep.dir), OmegaConf.select(config, "sweep_summary", default=None))
         log.info("sweep summary (%d jobs so far): %s", len(summary), Path(config.hydra.sweep.dir) / "summary.csv")

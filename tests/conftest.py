@@ -10,9 +10,10 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from tiny_models import save_tiny_clip, save_tiny_siglip
 
 from clipbench.models.attention import record_attention
-from clipbench.runs import compose_config  # noqa: F401  (tests import it from here)
+from clipbench.runs import compose_config  # tests import it from here
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
@@ -52,6 +53,24 @@ def open_clip_weights(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture(scope="session")
+def quickstart_checkpoint(tmp_path_factory, cache_dir) -> Path:
+    """A train.py checkpoint of the quickstart recipe with small widths, trained for 2 steps (a few seconds)."""
+    from clipbench.training import train
+
+    out = tmp_path_factory.mktemp("quickstart")
+    small = [
+        "model.backbone.embed_dim=32",
+        "model.backbone.text_width=32",
+        "model.backbone.text_layers=1",
+        "model.backbone.image_tower.widths=[16,32,32]",
+    ]
+    quick = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "data.batch_size=64", "logger=none", "test_ckpt=last"]
+    quiet = ["~callbacks.prediction_grid", "~callbacks.epoch_history", "trainer.enable_progress_bar=false"]
+    train(compose_config("train", ["experiment=quickstart", *small, *quick, *quiet], out, cache_dir))
+    return out / "checkpoints" / "last.ckpt"
+
+
 def check_attention_recorder(backbone, layers: int) -> list:
     """Recording must not change the embedding, and the recorded weights must carry gradients."""
     images = torch.randn(2, 3, backbone.image_spec.size, backbone.image_spec.size)
@@ -64,3 +83,15 @@ def check_attention_recorder(backbone, layers: int) -> list:
     grads = torch.autograd.grad(recorded.sum(), [record.weights for record in records])
     assert all(grad.abs().sum() > 0 for grad in grads)
     return records
+
+
+@pytest.fixture(scope="session")
+def hf_clip_dir(tmp_path_factory) -> str:
+    """A tiny Hugging Face CLIP saved with save_pretrained (see ``tiny_models``)."""
+    return save_tiny_clip(tmp_path_factory.mktemp("hf_clip"))
+
+
+@pytest.fixture(scope="session")
+def hf_siglip_dir(tmp_path_factory) -> str:
+    """A tiny Hugging Face SigLIP saved with save_pretrained (see ``tiny_models``)."""
+    return save_tiny_siglip(tmp_path_factory.mktemp("hf_siglip"))

@@ -12,67 +12,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from open_clip.tokenizer import SimpleTokenizer
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import (
-    CLIPConfig,
-    CLIPImageProcessor,
-    CLIPModel,
-    CLIPTokenizer,
-    PreTrainedTokenizerFast,
-    SiglipConfig,
-    SiglipImageProcessor,
-    SiglipModel,
-)
+from transformers import CLIPModel, SiglipModel
 
 from clipbench.models.backbone import CLIP_MEAN
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
-TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-VISION = dict(TOWER, image_size=32, patch_size=16)
-SIGLIP_WORDS = ["<pad>", "</s>", "<unk>", "▁a", "▁photo", "▁of", "▁cat", "▁dog"]
-
-
-def _clip_tokenizer() -> CLIPTokenizer:
-    """CLIP's BPE tokenizer built from the vocabulary bundled with open_clip (no download)."""
-    simple = SimpleTokenizer()
-    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {rename.get(token, token): index for token, index in simple.encoder.items()}
-    merges = [pair for pair, _ in sorted(simple.bpe_ranks.items(), key=lambda item: item[1])]
-    return CLIPTokenizer(vocab=vocab, merges=merges)
-
-
-def _siglip_tokenizer() -> PreTrainedTokenizerFast:
-    """A stand-in for SigLIP's SentencePiece tokenizer (``sentencepiece`` is not installed here): a
-    word-level ``tokenizers`` model with the same conventions (lower case, "▁" word prefix, "</s>"
-    appended, "</s>" as padding)."""
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SIGLIP_WORDS)}, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="</s>", unk_token="<unk>")
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("hf_clip"))
-    config = CLIPConfig(text_config=dict(TOWER, vocab_size=49408), vision_config=VISION, projection_dim=16)
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(path)
-    _clip_tokenizer().save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def siglip_dir(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("hf_siglip"))
-    special = dict(pad_token_id=1, eos_token_id=1, bos_token_id=None)  # "</s>", as in the tokenizer
-    text = dict(TOWER, vocab_size=len(SIGLIP_WORDS), max_position_embeddings=64, **special)
-    torch.manual_seed(0)
-    SiglipModel(SiglipConfig(text_config=text, vision_config=VISION)).save_pretrained(path)
-    _siglip_tokenizer().save_pretrained(path)
-    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
 
 
 def _load(config_name: str, name_or_path: str):
@@ -91,12 +35,12 @@ def _check_against_transformers(backbone, reference, context_length: int) -> Non
         torch.testing.assert_close(text_emb, reference.get_text_features(input_ids=tokens).pooler_output)
 
 
-def test_clip_matches_transformers(clip_dir):
-    backbone = _load("hf_clip", clip_dir)
+def test_clip_matches_transformers(hf_clip_dir):
+    backbone = _load("hf_clip", hf_clip_dir)
     assert backbone.embed_dim == 16
     assert backbone.image_spec.size == 32 and backbone.image_spec.mean == CLIP_MEAN
     assert backbone.image_spec.interpolation == "bicubic"
-    _check_against_transformers(backbone, CLIPModel.from_pretrained(clip_dir).eval(), context_length=77)
+    _check_against_transformers(backbone, CLIPModel.from_pretrained(hf_clip_dir).eval(), context_length=77)
     # CLIP's tokenizer rebuilt from open_clip's vocabulary gives CLIP's ids (open_clip pads with 0, HF with EOT).
     tokens = backbone.tokenize(["a photo of a cat"])
     reference = SimpleTokenizer()(["a photo of a cat"])
@@ -107,11 +51,11 @@ def test_clip_matches_transformers(clip_dir):
     assert backbone.logit_bias() is None and backbone.logit_scale.shape == ()
 
 
-def test_siglip_matches_transformers(siglip_dir):
-    backbone = _load("hf_siglip", siglip_dir)
+def test_siglip_matches_transformers(hf_siglip_dir):
+    backbone = _load("hf_siglip", hf_siglip_dir)
     assert backbone.embed_dim == 32
     assert backbone.image_spec.size == 32 and backbone.image_spec.mean == (0.5, 0.5, 0.5)
-    _check_against_transformers(backbone, SiglipModel.from_pretrained(siglip_dir).eval(), context_length=64)
+    _check_against_transformers(backbone, SiglipModel.from_pretrained(hf_siglip_dir).eval(), context_length=64)
     assert backbone.projection_matrix("image").shape == (64, 32)  # head.mlp.fc2: intermediate -> width
     assert backbone.projection_matrix("text").shape == (32, 32)  # text head: width -> projection_size
     assert set(backbone.projection_parameters()) == {
@@ -125,8 +69,8 @@ def test_siglip_matches_transformers(siglip_dir):
 
 # CLIP's vision tokens: a class token and 2x2 patches; SigLIP has no class token.
 @pytest.mark.parametrize(("config_name", "tokens"), [("hf_clip", 5), ("hf_siglip", 4)])
-def test_attention_recorder(config_name, tokens, clip_dir, siglip_dir):
-    records = check_attention_recorder(_load(config_name, clip_dir if config_name == "hf_clip" else siglip_dir), layers=2)
+def test_attention_recorder(config_name, tokens, hf_clip_dir, hf_siglip_dir):
+    records = check_attention_recorder(_load(config_name, hf_clip_dir if config_name == "hf_clip" else hf_siglip_dir), layers=2)
     assert records[0].weights.shape == (2, 2, tokens, tokens) and records[0].output.shape == (2, tokens, 32)
 
 

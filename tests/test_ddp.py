@@ -3,6 +3,7 @@ whole global batch: features are gathered across ranks with their gradients."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -103,9 +104,16 @@ def test_ddp_inside_a_multirun_runs_every_job_once_and_survives_a_failed_job(tmp
     ranks started stops them, and the next job's DDP starts afresh (Lightning's launcher would
     otherwise restart the sweep in every rank, hang, or be killed by its own watchdog)."""
     sweep = tmp_path / "sweep"
+    # The sweep's primary config comes from -cd/-cn: each job's extra rank must compose it too.
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "ddp_check.yaml").write_text("defaults:\n  - train\n  - _self_\ntask_name: ddp_cn_check\n")
     result = run_script(
         "train.py",
         "-m",
+        "-cd",
+        str(tmp_path / "extra"),
+        "-cn",
+        "ddp_check",
         "experiment=quickstart",
         "data=synthetic",
         "trainer=ddp",
@@ -120,9 +128,10 @@ def test_ddp_inside_a_multirun_runs_every_job_once_and_survives_a_failed_job(tmp
     assert result.returncode != 0  # Hydra reports the failed job at the end of the sweep
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]  # no stray sweep of a child
     assert (sweep / "1" / "metrics.json").is_file()
-    assert (sweep / "1" / "train_ddp_process_1.log").is_file()  # rank 1 ran inside the job's directory
+    rank1_log = (sweep / "1" / "train_ddp_process_1.log").read_text()  # rank 1 ran inside the job's directory
+    assert "ddp_cn_check run" in rank1_log  # with the job's primary config
     summary = pd.read_csv(sweep / "summary.csv")
     assert list(summary["status"]) == ["failed", "ok"]
     assert "SyncBatchNorm" in summary["error"].iloc[0]
-    assert 0 <= summary["test/acc1"].iloc[1] <= 1
+    assert summary["test/acc1"].iloc[1] == pytest.approx(json.loads((sweep / "1" / "metrics.json").read_text())["test/acc1"])
     assert not (tmp_path / "outputs").exists()

@@ -1,6 +1,5 @@
 """Unit tests of the contrastive loss, on-device batching and augmentation."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -67,23 +66,22 @@ def test_images_follow_their_labels_through_batching():
         assert torch.allclose(images[:, 0, 0, 0], labels.float())
 
 
-def test_augment_crops_and_flips_within_padding():
+def test_augment_flips_some_samples_and_only_flips():
     x = torch.arange(64.0).view(1, 1, 8, 8).repeat(16, 3, 1, 1)
     g = torch.Generator().manual_seed(0)
-    out = Augment(crop_padding=2, hflip=True)(x, g)
-    assert out.shape == x.shape
-    assert not torch.equal(out, x)  # 16 samples: some crop or flip happened
     assert torch.equal(Augment(crop_padding=0, hflip=False)(x, g), x)
-    # Flip only: every sample is the original or its mirror image.
     flipped = Augment(crop_padding=0, hflip=True)(x, g)
-    assert all(torch.equal(s, x[0]) or torch.equal(s, x[0].flip(-1)) for s in flipped)
+    mirrored = [torch.equal(s, x[0].flip(-1)) for s in flipped]
+    assert all(m or torch.equal(s, x[0]) for s, m in zip(flipped, mirrored, strict=True))
+    assert 0 < sum(mirrored) < 16  # drawn per sample (crop offsets: tests/test_protocol.py)
 
 
-@pytest.mark.parametrize("size", [2, 6])
-def test_batch_transform_resizes_only_when_needed(size):
-    spec = ImageSpec(size=size)
-    images = torch.randint(0, 256, (2, 3, 2, 2), dtype=torch.uint8)
-    assert spec.batch_transform(images).shape == (2, 3, size, size)
+def test_batch_transform_resamples_only_when_sizes_differ():
+    spec = ImageSpec(size=6)
+    images = torch.randint(0, 256, (2, 3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    # Random pixels: any resampling (even a same-size bicubic pass) would change some of them.
+    assert torch.equal(spec.resize_batch(images), images.float() / 255)
+    assert spec.batch_transform(images[..., :2, :2]).shape == (2, 3, 6, 6)
 
 
 def test_normalisation_round_trips_to_pixels():

@@ -7,8 +7,12 @@ import json
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CIFAR10, ROOT, compose_config, run_script
+from lightning.pytorch import Callback
+from omegaconf import OmegaConf
 
+from clipbench.losses import clip_loss
 from clipbench.training import train
 
 FAST = ["logger=none", "trainer.enable_progress_bar=false"]
@@ -39,25 +43,18 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml
 def test_every_experiment_composes_and_runs_a_fast_dev_run(experiment, tmp_path, cache_dir):
     overrides = [f"experiment={experiment}", "trainer.fast_dev_run=true", "trainer.accelerator=cpu", "trainer.precision=32-true", *FAST]
     cfg = compose_config("train", overrides, tmp_path, cache_dir)
+    if OmegaConf.missing_keys(cfg):  # e.g. misalign: the user's pairs and model (tests/test_misalign.py runs it)
+        pytest.skip(f"experiment={experiment} needs {sorted(OmegaConf.missing_keys(cfg))}")
     if cfg.data.name == "cifar10":
         if not CIFAR10.is_dir():
             pytest.skip(f"no CIFAR-10 copy at {CIFAR10}")
         cfg.data.root = str(CIFAR10)
     metrics = train(cfg)
-    assert 0.0 <= metrics["test/acc1"] <= 1.0
     assert metrics["steps"] == 1
-
-
-def test_resume_continues_the_step_count(tmp_path, cache_dir):
-    base = ["experiment=quickstart", "data=synthetic", *FAST]
-    first = train(compose_config("train", [*base, "trainer.max_epochs=1"], tmp_path / "a", cache_dir))
-    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    second = train(compose_config("train", [*base, "trainer.max_epochs=2", f"ckpt_path={ckpt}"], tmp_path / "b", cache_dir))
-    assert first["steps"] > 0
-    assert second["steps"] == 2 * first["steps"]
-    assert list(pd.read_csv(tmp_path / "b" / "epochs.csv")["epoch"]) == [1]  # only the new epoch ran
-    restored = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert restored["global_step"] == second["steps"]
+    # One test batch: the accuracy counts whole images of it (a metric averaged over batches or
+    # ranks the wrong way would not).
+    batch = min(cfg.data.eval_batch_size, 360 if cfg.data.name == "digits" else 10_000)
+    assert metrics["test/acc1"] * batch == pytest.approx(round(metrics["test/acc1"] * batch), abs=1e-3)
 
 
 def test_multirun_sweep_writes_a_summary(tmp_path):
@@ -77,7 +74,9 @@ def test_multirun_sweep_writes_a_summary(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = pd.read_csv(sweep / "summary.csv")
     assert sorted(summary["model.lr"]) == [1e-3, 2e-3]
-    assert summary["test/acc1"].between(0, 1).all()
+    for _, row in summary.iterrows():  # each row is its job's metrics
+        job = json.loads((sweep / str(row["job"]) / "metrics.json").read_text())
+        assert row["test/acc1"] == pytest.approx(job["test/acc1"]) and row["val/acc1"] == pytest.approx(job["val/acc1"])
     assert (sweep / "summary.png").is_file()
 
 
@@ -96,3 +95,66 @@ def test_wandb_logger_runs_offline_and_logs_figures(tmp_path, cache_dir, monkeyp
     media = [p.name for p in runs[0].rglob("*.png")]
     assert any(name.startswith("training_curves") for name in media), media
     assert any(name.startswith("predictions") for name in media), media
+
+
+SMALL = [
+    "experiment=quickstart",
+    "model.backbone.embed_dim=64",
+    "model.backbone.text_width=64",
+    "model.backbone.text_layers=1",
+    "model.backbone.image_tower.widths=[16,32,64]",
+    "trainer.max_epochs=6",
+    "~callbacks.prediction_grid",
+    *FAST,
+]
+
+
+class LossProbe(Callback):
+    """Recomputes the first training batch's loss both ways (same-class positives, or CLIP's one
+    positive) with the weights and template draw the step uses, to compare with the loss it returned."""
+
+    last: LossProbe | None = None  # train() builds its callbacks from the config: the test finds it here
+
+    def __init__(self) -> None:
+        LossProbe.last = self
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == 0:
+            images, labels = batch
+            state = module._template_rng.get_state()  # the step's draw, then the generator put back
+            template = torch.randint(len(module.train_templates), labels.shape, generator=module._template_rng)
+            module._template_rng.set_state(state)
+            with torch.no_grad():
+                image = F.normalize(module.backbone.encode_image(images), dim=-1)
+                text = F.normalize(module._caption_features(template * len(module.class_names) + labels), dim=-1)
+                scale = module.backbone.similarity_scale()
+                self.expected = {"same_class": clip_loss(image, text, scale, labels), "one_positive": clip_loss(image, text, scale)}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 1:
+            self.returned = outputs["loss"].detach()
+
+
+@pytest.mark.parametrize(("positives", "loss"), [("true", "same_class"), ("false", "one_positive")])
+def test_same_class_positives_choose_the_loss_training_uses(positives, loss, tmp_path, cache_dir):
+    """model.same_class_positives reaches the training step: the loss it returns is the one the flag
+    names (same-class captions as positives, or as negatives like CLIP's)."""
+    # Several templates: with one, same-class captions are identical and both losses coincide exactly.
+    overrides = [*SMALL, "trainer.max_epochs=1", "+trainer.limit_train_batches=2", f"model.same_class_positives={positives}"]
+    train(compose_config("train", [*overrides, f"+callbacks.loss_probe._target_={__name__}.LossProbe"], tmp_path, cache_dir))
+    probe = LossProbe.last
+    assert abs(probe.expected["same_class"] - probe.expected["one_positive"]) > 1e-3  # the batch tells them apart
+    torch.testing.assert_close(probe.returned, probe.expected[loss], rtol=1e-5, atol=1e-5)
+
+
+def test_dataloader_path_trains_like_the_on_device_path(tmp_path, cache_dir):
+    """data.on_device=false: per-image transforms in a DataLoader (workers, as for datasets too large to
+    hold on the device) instead of batches kept on the device."""
+    metrics = train(compose_config("train", [*SMALL, "data.on_device=false", "data.num_workers=1"], tmp_path, cache_dir))
+    assert metrics["test/acc1"] >= 0.6, metrics
+
+
+@pytest.mark.slow  # torch.compile's first compilation of forward and backward takes minutes on 2 CPU cores
+def test_compiled_training_step_learns(tmp_path, cache_dir):
+    metrics = train(compose_config("train", [*SMALL, "model.compile=true"], tmp_path, cache_dir))
+    assert metrics["test/acc1"] >= 0.6, metrics

@@ -75,10 +75,11 @@ class _Transformed(Dataset):
         return (None if image is None else self.transform(image)), label
 
 
-def _collate_readable(batch: list) -> tuple[Tensor, Tensor]:
-    """Default collation minus the samples whose image could not be read (already logged)."""
-    kept = [(img, label) for img, label in batch if img is not None]
-    return torch.stack([img for img, _ in kept]), torch.tensor([label for _, label in kept])
+def _collate_readable(batch: list) -> tuple[Tensor, ...]:
+    """Default collation of (image, label, ...) samples minus those whose image could not be read
+    (already logged)."""
+    kept = [sample for sample in batch if sample[0] is not None]
+    return torch.stack([sample[0] for sample in kept]), *(torch.tensor(column) for column in list(zip(*kept))[1:])
 
 
 def decode(dataset: Dataset, spec: ImageSpec, size: int, num_workers: int, desc: str) -> TensorImages:
@@ -204,13 +205,15 @@ class CLIPDataModule(L.LightningDataModule):
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         data: TensorImages = self.splits[split]
         images, labels = data.images.to(device), data.labels.to(device)
+        # Overfitting a few batches (debug=overfit) means the same batches every epoch: no shuffling.
+        shuffle = train and not (trainer is not None and trainer.overfit_batches > 0)
         return DeviceBatches(
             images,
             labels,
             batch_size=self.batch_size if train else self.eval_batch_size,
             spec=self.image_spec,
             augment=self.augment if train else None,
-            shuffle=train,
+            shuffle=shuffle,
             drop_last=train,
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,

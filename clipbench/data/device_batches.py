@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clipbench.models.backbone import ImageSpec
+from clipbench.seeding import AUGMENT, ORDER, stream_seed
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,41 @@ class Augment:
         return x
 
 
+class EpochOrder:
+    """The sample order of an epoch, the same on every rank: a permutation seeded by (seed, epoch).
+
+    Lightning calls :meth:`set_epoch` at the start of every training epoch, as it does for a
+    ``DistributedSampler`` (it looks for ``set_epoch`` on the loader's ``sampler``), with the epoch it
+    is about to run: after ``ckpt_path=`` that is the resumed epoch, so a resumed run continues with
+    the order an uninterrupted run would have used.
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int) -> None:
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self, device: torch.device) -> Tensor:
+        if not self.shuffle:
+            return torch.arange(self.size, device=device)
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch, ORDER))
+        return torch.randperm(self.size, generator=generator).to(device)
+
+
 class DeviceBatches:
     """An iterable of (images, labels) batches over tensors already on ``device``.
 
     Under DDP each rank takes its contiguous share of every *global* batch of
     ``batch_size * world_size`` samples, drawn from one permutation all ranks agree on (same seed),
     so the ranks together see exactly the batches one process with the global batch size would.
+    Augmentation draws from a stream of its own per (seed, epoch, rank).
     Evaluation (``shuffle=False``) keeps every sample exactly once: no padding duplicates.
+    ``indexed`` adds each sample's position in ``images`` to the batch: (images, labels, index).
     """
+
+    batch_sampler = None  # Lightning reads it beside ``sampler``, as on a DataLoader
 
     def __init__(
         self,
@@ -70,12 +98,12 @@ class DeviceBatches:
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
+        indexed: bool = False,
     ) -> None:
-        self.images, self.labels = images, labels
+        self.images, self.labels, self.indexed = images, labels, indexed
         self.batch_size, self.spec, self.augment = batch_size, spec, augment
-        self.shuffle, self.drop_last = shuffle, drop_last
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.epoch = 0
+        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.sampler = EpochOrder(len(labels), shuffle, seed)
         self._generator = torch.Generator(device=images.device)
 
     def _global_batch(self) -> int:
@@ -86,21 +114,14 @@ class DeviceBatches:
         return n // self._global_batch() if self.drop_last else math.ceil(n / self._global_batch())
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n, device = len(self.labels), self.images.device
-        if self.shuffle:
-            order_gen = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(n, generator=order_gen).to(device)
-        else:
-            order = torch.arange(n, device=device)
-        # Augmentation randomness differs per rank; the sample order must not.
-        self._generator.manual_seed(self.seed * 1000 + self.epoch * 100 + self.rank)
-        self.epoch += 1
+        order = self.sampler.indices(self.images.device)
+        self._generator.manual_seed(stream_seed(self.sampler.seed, self.sampler.epoch, AUGMENT, self.rank))
         gb = self._global_batch()
         for start in range(0, len(self) * gb, gb):
             global_idx = order[start : start + gb]
             share = math.ceil(len(global_idx) / self.world_size)
             idx = global_idx[self.rank * share : (self.rank + 1) * share]
-            yield self._prepare(self.images[idx]), self.labels[idx]
+            yield (self._prepare(self.images[idx]), self.labels[idx], *((idx,) if self.indexed else ()))
 
     def _prepare(self, images: Tensor) -> Tensor:
         x = self.spec.resize_batch(images)

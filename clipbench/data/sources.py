@@ -91,7 +91,9 @@ def image_folder(root: str | Path, split: str) -> FolderImages:
             f"data.root={root}: no '{split}/' folder there. Expected <root>/train/<class>/*.jpg and "
             f"<root>/test/<class>/*.jpg (e.g. data.root=../shared/data/cifar10)"
         )
-    classes = None if split == "train" else FolderImages(root / "train").classes
+    # The test split takes train's classes and order (its sorted folder names, as FolderImages finds them)
+    # without listing train's files: CIFAR-10's 50,000 would cost every evaluation run a second or so.
+    classes = None if split == "train" else sorted(entry.name for entry in os.scandir(root / "train") if entry.is_dir())
     return FolderImages(root / split, classes)
 
 
@@ -180,6 +182,21 @@ class ListedImages(Dataset):
         return _open_rgb(path), label
 
 
+# Where torchvision's file-based datasets keep their index: private attributes (no public API lists
+# the files). Read here only, and checked against real instances by a test, so a torchvision release
+# that renames them fails that test loudly instead of silently breaking evaluation.
+TORCHVISION_FILE_LISTS = {"Food101": "_image_files", "DTD": "_image_files", "OxfordIIITPet": "_images"}
+
+
+def torchvision_file_list(ds: Dataset) -> list[tuple[str, int]]:
+    """(path, label) of every image of a Food101, DTD or OxfordIIITPet dataset, in its order."""
+    files_attr = TORCHVISION_FILE_LISTS[type(ds).__name__]
+    try:
+        return [(str(path), int(label)) for path, label in zip(getattr(ds, files_attr), ds._labels, strict=True)]
+    except AttributeError as err:
+        raise RuntimeError(f"torchvision's {type(ds).__name__} no longer has {files_attr}/_labels: update clipbench.data.sources") from err
+
+
 def food101(root: str | Path, split: str, download: bool) -> ListedImages:
     """Food-101: 75,750 train / 25,250 test photos, 101 dishes (official split)."""
     from torchvision.datasets import Food101
@@ -188,7 +205,7 @@ def food101(root: str | Path, split: str, download: bool) -> ListedImages:
     ds = _torchvision(
         "Food-101", "<root>/food-101/images and <root>/food-101/meta", root, lambda: Food101(str(root), split=split, download=download)
     )
-    return ListedImages(zip(ds._image_files, ds._labels), ds.classes)
+    return ListedImages(torchvision_file_list(ds), ds.classes)
 
 
 def caltech101(root: str | Path, split: str, download: bool) -> ListedImages:
@@ -221,7 +238,7 @@ def oxford_pets(root: str | Path, split: str, download: bool) -> ListedImages:
         root,
         lambda: OxfordIIITPet(str(root), split=tv_split, target_types="category", download=download),
     )
-    return ListedImages(zip(ds._images, ds._labels), ds.classes)
+    return ListedImages(torchvision_file_list(ds), ds.classes)
 
 
 def dtd(root: str | Path, split: str, download: bool) -> ListedImages:
@@ -232,7 +249,7 @@ def dtd(root: str | Path, split: str, download: bool) -> ListedImages:
     parts = ("train", "val") if split == "train" else ("test",)
     layout = "<root>/dtd/dtd/images and <root>/dtd/dtd/labels"
     sets = [_torchvision("DTD", layout, root, lambda p=p: DTD(str(root), split=p, partition=1, download=download)) for p in parts]
-    return ListedImages([s for ds in sets for s in zip(ds._image_files, ds._labels)], sets[0].classes)
+    return ListedImages([s for ds in sets for s in torchvision_file_list(ds)], sets[0].classes)
 
 
 def eurosat(root: str | Path, split: str, download: bool) -> ListedImages:
