@@ -20,10 +20,19 @@ def class_embeddings(
 
     Returns (num_classes, embed_dim) on ``device``.
     """
-    texts = [caption for per_template in captions(templates, class_names) for caption in per_template]
-    tokens = backbone.tokenize(texts)
+    tokens = backbone.tokenize(caption_texts(class_names, templates))
     feats = torch.cat([backbone.encode_text(tokens[i : i + batch_size].to(device)).float() for i in range(0, len(tokens), batch_size)])
-    feats = F.normalize(feats, dim=-1).view(len(templates), len(class_names), -1)
+    return average_captions(feats, len(templates), len(class_names))
+
+
+def caption_texts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every template filled with every class, template-major: text t * C + c is template t, class c."""
+    return [caption for per_template in captions(templates, class_names) for caption in per_template]
+
+
+def average_captions(caption_features: Tensor, num_templates: int, num_classes: int) -> Tensor:
+    """Embeddings of :func:`caption_texts` -> per class the renormalised mean of its normalised captions."""
+    feats = F.normalize(caption_features.float(), dim=-1).view(num_templates, num_classes, -1)
     return F.normalize(feats.mean(dim=0), dim=-1)
 
 

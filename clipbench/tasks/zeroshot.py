@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import torch
@@ -30,9 +31,11 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 from clipbench import plots
 from clipbench.config import ConfigError
 from clipbench.data.templates import dataset_class_names, resolve_templates
-from clipbench.embeddings import EvalDataModule, autocast_dtype, cache_file, image_embeddings, inference, model_identity, resolve_device
+from clipbench.embeddings import EvalDataModule, cache_file, model_identity
+from clipbench.hydra_ddp import ddp_job
 from clipbench.models.backbone import CLIPBackbone
-from clipbench.zeroshot import class_embeddings, zeroshot_logits
+from clipbench.modules.evaluation import eval_trainer, predict_embeddings, predict_text_embeddings, trainer_autocast
+from clipbench.zeroshot import average_captions, caption_texts, zeroshot_logits
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ class ZeroShotResult:
     class_names: list[str]  # as put in the captions
     recall: Tensor  # (num_classes,) per-class recall; 0 for a class absent from the split
     support: Tensor  # (num_classes,) images per class
+    labels: Tensor  # (N,) true class of each image, in split order
+    top5: Tensor  # (N, min(5, num_classes)) predicted classes of each image, most similar first
     seconds: float  # getting the image embeddings: encoding (with decoding), or reading the cache
     cached: bool  # the image embeddings came from the cache
 
@@ -107,8 +112,7 @@ def zeroshot(
     datamodule: EvalDataModule,
     templates: Sequence[str],
     *,
-    device: torch.device,
-    precision: str = "auto",
+    trainer: L.Trainer | None = None,
     class_names: Sequence[str] | None = None,
     split: str = "test",
     cache_dir: str | Path | None = None,
@@ -116,24 +120,46 @@ def zeroshot(
     silhouette_samples: int = 10_000,
     seed: int = 0,
 ) -> ZeroShotResult:
-    """Zero-shot metrics of ``backbone`` (on ``device``, eval mode) on ``split`` of ``datamodule``.
+    """Zero-shot metrics of ``backbone`` on ``split`` of ``datamodule``, the images and captions
+    encoded by ``trainer``'s predict loop (its devices, precision and DDP; every image once), the same
+    metrics on every rank. Without a trainer (a notebook's call): one CPU process in float32.
 
     ``class_names`` replace the dataset's names (same order and count) in the captions.
     """
+    trainer = trainer or L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    names = caption_class_names(datamodule, class_names, split)
+    dtype = trainer_autocast(trainer)
+    cached = cache_dir is not None and model_id is not None and cache_file(cache_dir, model_id, datamodule, split, dtype).exists()
+    started = time.perf_counter()
+    features, labels = predict_embeddings(trainer, backbone, datamodule, split, cache_dir, model_id)
+    seconds = time.perf_counter() - started
+    captions = predict_text_embeddings(trainer, backbone, caption_texts(names, templates))
+    classifier = average_captions(captions, len(templates), len(names))
+    return zeroshot_result(features, labels, classifier, names, seconds, cached, silhouette_samples, seed)
+
+
+def caption_class_names(datamodule: EvalDataModule, class_names: Sequence[str] | None, split: str = "test") -> list[str]:
+    """The names put in the captions: ``class_names`` (same order and count as the dataset's), or the
+    dataset's readable names."""
     dataset_names = datamodule.dataset(split).classes
     names = list(class_names) if class_names is not None else dataset_class_names(datamodule.name, dataset_names)
     if len(names) != len(dataset_names):
         raise ConfigError(f"task.class_names has {len(names)} names but data.name={datamodule.name} has {len(dataset_names)} classes")
-    dtype = autocast_dtype(precision, device)
-    cached = cache_dir is not None and model_id is not None and cache_file(cache_dir, model_id, datamodule, split, dtype).exists()
-    started = time.perf_counter()
-    features, labels = image_embeddings(
-        backbone, datamodule, split, device=device, precision=precision, cache_dir=cache_dir, model_id=model_id
-    )
-    seconds = time.perf_counter() - started
-    with inference(device, dtype):
-        classifier = class_embeddings(backbone, names, templates, device)
-    logits = zeroshot_logits(features, classifier.float().cpu())
+    return names
+
+
+def zeroshot_result(
+    features: Tensor,
+    labels: Tensor,
+    classifier: Tensor,
+    names: list[str],
+    seconds: float,
+    cached: bool,
+    silhouette_samples: int,
+    seed: int,
+) -> ZeroShotResult:
+    """The metrics of image ``features`` (N, D) against a ``classifier`` (C, D), on the CPU."""
+    logits = zeroshot_logits(features, classifier)
     metrics = classification_metrics(logits, labels)
     return ZeroShotResult(
         acc1=metrics["acc1"],
@@ -143,6 +169,8 @@ def zeroshot(
         class_names=names,
         recall=metrics["recall"],
         support=metrics["support"],
+        labels=labels,
+        top5=logits.topk(min(5, logits.shape[1]), dim=-1).indices,
         seconds=seconds,
         cached=cached,
     )
@@ -152,7 +180,8 @@ def write_results(results: Mapping[str, ZeroShotResult], dataset: str, out: Path
     """The run's tables and figure; returns the flat metrics (``<model>/`` prefixed for several models).
 
     ``<dataset>_zeroshot.csv``: a row per model; ``<dataset>_zeroshot.png``: its metrics as bars;
-    ``<dataset>_per_class.csv``: a row per class with its support and each model's recall.
+    ``<dataset>_per_class.csv``: a row per class with its support and each model's recall;
+    ``<dataset>_predictions.csv``: a row per model and test image (split order) with its class and top-5.
     """
     table = pd.DataFrame(
         [
@@ -175,38 +204,52 @@ def write_results(results: Mapping[str, ZeroShotResult], dataset: str, out: Path
     for name, r in results.items():
         per_class[name] = r.recall.tolist()
     per_class.to_csv(out / f"{dataset}_per_class.csv", index=False)
+    pd.concat([predictions_table(name, r) for name, r in results.items()]).to_csv(out / f"{dataset}_predictions.csv", index=False)
     log.info("zero-shot on %s:\n%s", dataset, table.to_string(index=False))
     prefix = (lambda name: f"{name}/") if len(results) > 1 else (lambda name: "")
     return {f"{prefix(name)}test/{metric}": getattr(r, metric) for name, r in results.items() for metric in METRICS}
 
 
+def predictions_table(model: str, result: ZeroShotResult) -> pd.DataFrame:
+    """One row per image: its index in the split, true class and ranked predictions, as class names."""
+    names = np.asarray(result.class_names)
+    table = pd.DataFrame({"model": model, "index": np.arange(len(result.labels)), "label": names[result.labels.numpy()]})
+    for rank in range(result.top5.shape[1]):
+        table[f"top{rank + 1}"] = names[result.top5[:, rank].numpy()]
+    return table
+
+
 def run(cfg: DictConfig, models: Mapping[str, DictConfig], out: Path) -> dict[str, float]:
     """``evaluate.py task=zeroshot``: every model of ``models`` (name -> model config) on ``data``'s test split."""
     task = cfg.task
-    try:
-        templates = resolve_templates(task.templates, dataset=cfg.data.name)
-    except (ValueError, KeyError) as err:  # KeyError: a JSON object without "templates"
-        raise ConfigError(f"task.templates={task.templates} is invalid: {err}") from err
+    templates = task_templates(task.templates, cfg.data.name)
     class_names = load_class_names(task.class_names)
-    device = resolve_device(task.device)
+    trainer = eval_trainer(cfg)
     results: dict[str, ZeroShotResult] = {}
-    for name, model_cfg in models.items():
-        log.info("zero-shot: model %s", name)
-        backbone: CLIPBackbone = instantiate(model_cfg.backbone).to(device).eval()
-        datamodule = EvalDataModule.from_config(cfg.data, backbone.image_spec)
-        results[name] = zeroshot(
-            backbone,
-            datamodule,
-            templates,
-            device=device,
-            precision=task.precision,
-            class_names=class_names,
-            cache_dir=cfg.paths.cache_dir if task.cache else None,
-            model_id=model_identity(model_cfg.backbone),
-            silhouette_samples=task.silhouette_samples,
-            seed=cfg.seed,
-        )
-        del backbone  # one model in device memory at a time
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    with ddp_job(trainer):
+        for name, model_cfg in models.items():
+            log.info("zero-shot: model %s", name)
+            backbone: CLIPBackbone = instantiate(model_cfg.backbone).eval()
+            results[name] = zeroshot(
+                backbone,
+                EvalDataModule.from_config(cfg.data, backbone.image_spec),
+                templates,
+                trainer=trainer,
+                class_names=class_names,
+                cache_dir=cfg.paths.cache_dir if task.cache else None,
+                model_id=model_identity(model_cfg.backbone),
+                silhouette_samples=task.silhouette_samples,
+                seed=cfg.seed,
+            )
+            del backbone  # one model in device memory at a time
+    if not trainer.is_global_zero:
+        return {}
     return write_results(results, cfg.data.name, out)
+
+
+def task_templates(spec, dataset: str) -> tuple[str, ...]:
+    """``task.templates`` resolved for ``dataset``, a bad value reported under its key."""
+    try:
+        return resolve_templates(spec, dataset=dataset)
+    except (ValueError, KeyError) as err:  # KeyError: a JSON object without "templates"
+        raise ConfigError(f"task.templates={spec} is invalid: {err}") from err
