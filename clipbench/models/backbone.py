@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 from urllib.request import getproxies
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
@@ -107,6 +108,13 @@ class CLIPBackbone(nn.Module, abc.ABC):
     def tokenize(self, texts: Sequence[str]) -> Tensor:
         """Strings -> a LongTensor of token ids (N, context_length) on the CPU."""
 
+    def truncates(self, texts: Sequence[str]) -> list[bool]:
+        """Whether :meth:`tokenize` cuts each text short: it needs more positions (special tokens
+        included) than the context holds. Serves every source whose ``_tokenizer`` is open_clip's
+        SimpleTokenizer or a Hugging Face tokenizer (or open_clip's wrapper of one)."""
+        context = self.tokenize([""]).shape[-1]
+        return [length > context for length in untruncated_lengths(self._tokenizer, texts)]
+
     @abc.abstractmethod
     def projection_parameters(self) -> dict[str, nn.Parameter]:
         """The parameters of the image and text projections, by name, for projection-only training.
@@ -128,8 +136,15 @@ class CLIPBackbone(nn.Module, abc.ABC):
         return None
 
     def similarity_scale(self) -> Tensor:
-        """``exp(logit_scale)`` clamped at 100, as in CLIP."""
-        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        """``exp(logit_scale)``: the factor on cosine similarities in the contrastive loss."""
+        return self.logit_scale.exp()
+
+    def clamp_logit_scale_(self) -> None:
+        """Keep the learned scale in CLIP's range (at most 100) by clamping the parameter itself, after
+        each optimizer step as open_clip does. Clamping ``exp()`` in the forward instead would give the
+        parameter zero gradient above the cap, so once there it could never come back down."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
 
     def vision_attention_modules(self) -> list[nn.Module]:
         """The self-attention modules of the vision tower, first to last (ViTs only).
@@ -139,10 +154,102 @@ class CLIPBackbone(nn.Module, abc.ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} has no vision transformer attention blocks")
 
+    # --- dense vision: what explanation methods need beyond the embedding (ViTs only) -------------
+    def vision_blocks(self) -> list[nn.Module]:
+        """The vision transformer's blocks, first to last; each maps batch-first tokens (B, N, width)
+        to tokens, the residual stream."""
+        raise NotImplementedError(f"{type(self).__name__} has no vision transformer blocks")
+
+    @property
+    def patch_size(self) -> int:
+        """The side of a (square) patch in pixels: a (B, 3, H, W) image has an (H/p, W/p) grid of patches."""
+        raise NotImplementedError(f"{type(self).__name__} has no patch grid")
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patch grid in the vision transformer's sequence (class token, registers)."""
+        raise NotImplementedError(f"{type(self).__name__} has no patch grid")
+
+    @property
+    def pools_class_token(self) -> bool:
+        """Whether the image embedding is read from a class token at position 0 (CLIP), rather than
+        pooled otherwise (SigLIP's attention pooling, average pooling)."""
+        return False
+
+    def encode_image_dense(self, images: Tensor) -> Tensor:
+        """Images of any size whose sides are multiples of :attr:`patch_size` (B, 3, H, W) -> image
+        embeddings, the positional embedding bicubically interpolated to the (H/p, W/p) grid
+        (:func:`interpolate_positions`; the identity at the training resolution). Models without a patch
+        grid take only their own resolution."""
+        if images.shape[-2:] != (self.image_spec.size, self.image_spec.size):
+            raise NotImplementedError(f"{type(self).__name__} encodes only {self.image_spec.size}x{self.image_spec.size} images")
+        return self.encode_image(images)
+
+    def vision_token_embeddings(self, tokens: Tensor) -> Tensor:
+        """Tokens leaving the last vision block (B, N, width) -> each token through the tower's final
+        norm and projection (B, N, embed_dim): the class token's row is the image embedding."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-token image head")
+
+    # --- the text tower's internals: what text explanations need ------------------------------
+    def text_attention_modules(self) -> list[nn.Module]:
+        """The self-attention modules of the text tower, first to last (recorded like the vision ones)."""
+        raise NotImplementedError(f"{type(self).__name__} exposes no text attention modules")
+
+    def text_pool_positions(self, tokens: Tensor) -> Tensor:
+        """Token ids (N, L) -> the position (N,) whose final state becomes the text embedding (CLIP: the
+        end-of-text token, the largest id)."""
+        return tokens.argmax(dim=-1)
+
+    def trim_text_padding(self, tokens: Tensor) -> Tensor:
+        """Token ids (N, L) -> (N, L' <= L) that :meth:`encode_text` embeds exactly as before: the columns
+        after the batch's last pooled position dropped, where the tower is causal (nothing after a row's
+        pooled position reaches its embedding) and accepts short rows. Short captions then cost the text
+        tower a fraction of the full context (scoring). By default nothing is dropped."""
+        return tokens
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Token ids -> their tokenizer pieces (CLIP's BPE: a piece ending a word ends with ``</w>``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot name its tokens")
+
     @property
     def image_transform(self) -> v2.Compose:
         """The model's own eval preprocessing for PIL images."""
         return self.image_spec.pil_transform()
+
+
+def interpolate_positions(positions: Tensor, grid: tuple[int, int], new_grid: tuple[int, int], prefix: int) -> Tensor:
+    """A ViT's positional embedding ((prefix + gh*gw, width), optionally with a leading batch dim of 1)
+    for a new patch grid: the grid part resized bicubically (``align_corners=False``), the prefix
+    (class token) rows kept. The identity when the grid is unchanged."""
+    if tuple(grid) == tuple(new_grid):
+        return positions
+    head, body = positions[..., :prefix, :], positions[..., prefix:, :]
+    width = body.shape[-1]
+    body = body.reshape(1, *grid, width).permute(0, 3, 1, 2)
+    body = F.interpolate(body.float(), size=tuple(new_grid), mode="bicubic", align_corners=False).to(positions.dtype)
+    body = body.permute(0, 2, 3, 1).reshape(*positions.shape[:-2], new_grid[0] * new_grid[1], width)
+    return torch.cat([head, body], dim=-2)
+
+
+def patch_grid(images: Tensor, patch_size: int) -> tuple[int, int]:
+    """The patch grid of (B, 3, H, W) images; the sides must be multiples of the patch size."""
+    h, w = images.shape[-2:]
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {patch_size}")
+    return h // patch_size, w // patch_size
+
+
+def untruncated_lengths(tokenizer: object, texts: Sequence[str]) -> list[int]:
+    """Token positions each text takes before any truncation, special tokens included."""
+    if type(tokenizer).__module__.startswith("open_clip"):  # imported only when open_clip made the tokenizer
+        from open_clip.tokenizer import SimpleTokenizer
+
+        if isinstance(tokenizer, SimpleTokenizer):  # start + BPE tokens (after its own cleaning) + end
+            return [len(tokenizer.encode(text)) + 2 for text in texts]
+        # open_clip's HFTokenizer / SigLipTokenizer wrap a Hugging Face tokenizer (the first cleans text)
+        clean = getattr(tokenizer, "clean_fn", None)
+        texts, tokenizer = [clean(text) for text in texts] if clean else texts, tokenizer.tokenizer
+    return [len(ids) for ids in tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
 
 
 def init_logit_scale(temperature: float = 0.07) -> nn.Parameter:

@@ -28,8 +28,8 @@ from transformers.image_utils import PILImageResampling
 from transformers.models.clip.modeling_clip import CLIPAttention
 from transformers.models.siglip.modeling_siglip import SiglipAttention
 
-from clipbench.models.attention import AttentionRecord, explicit_attention, merge_heads, register_recompute, split_heads
-from clipbench.models.backbone import CLIPBackbone, ImageSpec, download_blocker, projection_as_matrix, projection_params
+from clipbench.models.attention import AttentionParts, causal_mask, register_attention, split_heads
+from clipbench.models.backbone import CLIPBackbone, ImageSpec, download_blocker, patch_grid, projection_as_matrix, projection_params
 
 
 def _load_kwargs(name_or_path: str) -> dict:
@@ -106,12 +106,44 @@ class _HFBackbone(CLIPBackbone):
     def vision_attention_modules(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.model.vision_model.encoder.layers]
 
+    def vision_blocks(self) -> list[nn.Module]:
+        return list(self.model.vision_model.encoder.layers)
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.config.vision_config.patch_size
+
+    def encode_image_dense(self, images: Tensor) -> Tensor:
+        # transformers' own interpolation is the bicubic, align_corners=False resize of the patch grid.
+        patch_grid(images, self.patch_size)
+        return self.model.get_image_features(pixel_values=images, interpolate_pos_encoding=True).pooler_output
+
+    def text_attention_modules(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.model.text_model.encoder.layers]
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        return self._tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+
 
 class HFCLIP(_HFBackbone):
     """``transformers.CLIPModel``, e.g. ``openai/clip-vit-base-patch32``."""
 
     model_class = CLIPModel
     projection_paths: ClassVar[dict[str, str]] = {"image": "visual_projection", "text": "text_projection"}
+    prefix_tokens = 1
+    pools_class_token = True
+
+    def vision_token_embeddings(self, tokens: Tensor) -> Tensor:
+        return self.model.visual_projection(self.model.vision_model.post_layernorm(tokens))
+
+    def text_pool_positions(self, tokens: Tensor) -> Tensor:
+        # CLIPTextTransformer's rule: old configs (eos id 2) pool the largest id, newer the first eos.
+        eos = self.model.config.text_config.eos_token_id
+        return tokens.argmax(dim=-1) if eos == 2 else (tokens == eos).int().argmax(dim=-1)
+
+    def trim_text_padding(self, tokens: Tensor) -> Tensor:
+        # CLIPTextTransformer: causal attention, position ids and mask cut to the input's length.
+        return tokens[:, : int(self.text_pool_positions(tokens).max()) + 1]
 
 
 class HFSigLIP(_HFBackbone):
@@ -123,26 +155,31 @@ class HFSigLIP(_HFBackbone):
 
     model_class = SiglipModel
     projection_paths: ClassVar[dict[str, str]] = {"image": "vision_model.head.mlp.fc2", "text": "text_model.head"}
+    prefix_tokens = 0  # no class token: the embedding comes from an attention-pooling head
+
+    def text_pool_positions(self, tokens: Tensor) -> Tensor:
+        return torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device)  # SigLIP pools the last position
 
     def logit_bias(self) -> Tensor:
         return self.model.logit_bias.reshape(())
 
-    def similarity_scale(self) -> Tensor:
-        # SigLIP never clamps its scale: the learned bias is calibrated against the raw exp(scale).
-        return self.logit_scale.exp()
+    def clamp_logit_scale_(self) -> None:
+        """SigLIP never clamps its scale: the learned bias is calibrated against the raw exp(scale)."""
 
 
-def _hf_attention(module: CLIPAttention | SiglipAttention, args: tuple, kwargs: dict) -> tuple[object, AttentionRecord]:
-    """CLIPAttention / SiglipAttention: separate q/k/v/out Linears; returns (output, weights)."""
+def _hf_attention(module: CLIPAttention | SiglipAttention, args: tuple, kwargs: dict) -> AttentionParts:
+    """CLIPAttention / SiglipAttention: separate q/k/v/out Linears; returns (output, weights).
+
+    The text towers are causal: transformers passes either a mask or, for fused kernels, ``is_causal``."""
     x = args[0] if args else kwargs["hidden_states"]
     mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
     if mask is not None and mask.dtype == torch.bool:
         mask = ~mask  # transformers' boolean masks mark what may be attended; explicit_attention the opposite
+    if mask is None and kwargs.get("is_causal", getattr(module, "is_causal", False)):
+        mask = causal_mask(x.shape[1], x.device)
     q, k, v = (split_heads(proj(x), module.num_heads) for proj in (module.q_proj, module.k_proj, module.v_proj))
-    context, weights = explicit_attention(q, k, v, mask)
-    out = module.out_proj(merge_heads(context))
-    return (out, weights), AttentionRecord(q, k, v, weights, out)
+    return AttentionParts(q, k, v, mask, module.out_proj, returns=lambda out: (out, None))
 
 
-register_recompute(CLIPAttention, _hf_attention)
-register_recompute(SiglipAttention, _hf_attention)
+register_attention(CLIPAttention, _hf_attention)
+register_attention(SiglipAttention, _hf_attention)

@@ -26,8 +26,8 @@ from open_clip.transformer import LayerNorm, QuickGELU, Transformer
 from timm.layers import Attention
 from torch import Tensor, nn
 
-from clipbench.models.attention import AttentionRecord, explicit_attention, merge_heads, register_recompute
-from clipbench.models.backbone import CLIPBackbone, ImageSpec, projection_as_matrix, projection_params
+from clipbench.models.attention import AttentionParts, register_attention
+from clipbench.models.backbone import CLIPBackbone, ImageSpec, interpolate_positions, patch_grid, projection_as_matrix, projection_params
 
 # LaCLIP trained and evaluated with torchvision's ImageNet normalisation and default (bilinear)
 # resizing (train.py / eval_zeroshot_imagenet.py of the LaCLIP repository), not CLIP's.
@@ -103,6 +103,8 @@ class LaCLIP(CLIPBackbone):
         )
         self.model.load_state_dict(_load_state_dict(checkpoint), strict=True)
         self.model.eval()
+        # Dense encoding feeds other sizes (the positional embedding interpolated by encode_image_dense).
+        self.model.visual.patch_embed.strict_img_size = False
         self.embed_dim = embed_dim
         size = self.model.visual.patch_embed.img_size[0]
         self.image_spec = ImageSpec(size=size, mean=tuple(mean), std=tuple(std), interpolation=interpolation)
@@ -133,8 +135,41 @@ class LaCLIP(CLIPBackbone):
     def vision_attention_modules(self) -> list[nn.Module]:
         return [block.attn for block in self.model.visual.blocks]
 
+    def vision_blocks(self) -> list[nn.Module]:
+        return list(self.model.visual.blocks)
 
-def _timm_attention(module: Attention, args: tuple, kwargs: dict) -> tuple[Tensor, AttentionRecord]:
+    @property
+    def patch_size(self) -> int:
+        return self.model.visual.patch_embed.patch_size[0]
+
+    @property
+    def prefix_tokens(self) -> int:
+        return self.model.visual.num_prefix_tokens
+
+    @property
+    def pools_class_token(self) -> bool:
+        return self.model.visual.global_pool == "token"
+
+    def encode_image_dense(self, images: Tensor) -> Tensor:
+        visual = self.model.visual
+        grid = patch_grid(images, self.patch_size)
+        prefix = 0 if visual.no_embed_class else visual.num_prefix_tokens
+        positions = interpolate_positions(visual.pos_embed, visual.patch_embed.grid_size, grid, prefix)
+        features = torch.func.functional_call(visual, {"pos_embed": positions}, (images,), strict=False)
+        return features @ self.model.image_projection
+
+    def vision_token_embeddings(self, tokens: Tensor) -> Tensor:
+        visual = self.model.visual  # timm: norm, then (token pooling,) fc_norm and an identity head
+        return visual.fc_norm(visual.norm(tokens)) @ self.model.image_projection
+
+    def text_attention_modules(self) -> list[nn.Module]:
+        return [block.attn for block in self.model.transformer.resblocks]
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        return [self._tokenizer.decoder[int(i)] for i in ids]
+
+
+def _timm_attention(module: Attention, args: tuple, kwargs: dict) -> AttentionParts:
     """timm's ``Attention``: fused qkv Linear, optional q/k norm, optional output norm and gate.
 
     ViTs call it without a mask and non-causally, which is all this recomputes.
@@ -143,12 +178,14 @@ def _timm_attention(module: Attention, args: tuple, kwargs: dict) -> tuple[Tenso
     b, n, _ = x.shape
     q, k, v = module.qkv(x).reshape(b, n, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = module.q_norm(q), module.k_norm(k)
-    context, weights = explicit_attention(q, k, v)
-    hidden = module.norm(merge_heads(context))
-    if getattr(module, "gate", None) is not None:
-        hidden = hidden * module.gate(x).sigmoid()
-    out = module.proj(hidden)
-    return out, AttentionRecord(q, k, v, weights, out)
+
+    def project(context: Tensor) -> Tensor:
+        hidden = module.norm(context)
+        if getattr(module, "gate", None) is not None:
+            hidden = hidden * module.gate(x).sigmoid()
+        return module.proj(hidden)
+
+    return AttentionParts(q, k, v, None, project)
 
 
-register_recompute(Attention, _timm_attention)
+register_attention(Attention, _timm_attention)

@@ -18,6 +18,7 @@ from clipbench.models.backbone import (
     projection_as_matrix,
     projection_params,
 )
+from clipbench.models.openclip import OpenCLIPVision, bpe_pieces, pool_positions
 from clipbench.models.towers import CifarResNet
 
 # Where each tower keeps its final projection into the joint space.
@@ -25,7 +26,7 @@ _IMAGE_PROJECTION = {VisionTransformer: "proj", ModifiedResNet: "attnpool.c_proj
 _TEXT_PROJECTION = "text_projection"
 
 
-class ScratchCLIP(CLIPBackbone):
+class ScratchCLIP(OpenCLIPVision, CLIPBackbone):
     def __init__(
         self,
         image_tower: nn.Module,
@@ -81,7 +82,14 @@ class ScratchCLIP(CLIPBackbone):
         root, path = self._projection_paths()[tower]
         return projection_as_matrix(root, path)
 
-    def vision_attention_modules(self) -> list[nn.Module]:
-        if not isinstance(self.visual, VisionTransformer):
-            return super().vision_attention_modules()
-        return [block.attn for block in self.visual.transformer.resblocks]
+    def _image_tower(self) -> nn.Module:
+        return self.visual
+
+    def text_attention_modules(self) -> list[nn.Module]:
+        return [block.attn for block in self.text.transformer.resblocks]
+
+    def text_pool_positions(self, tokens: Tensor) -> Tensor:
+        return pool_positions(tokens, self.text.pool_type, self.text.eos_id)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        return bpe_pieces(self._tokenizer, ids)
