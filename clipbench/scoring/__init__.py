@@ -1,0 +1,1 @@
+"""Image-text similarity scoring at scale: scores, shard bookkeeping, statistics, curation, reports."""
