@@ -4,7 +4,7 @@ Both sides train the same model (the quickstart CLIP, composed from ``conf/`` wi
 ``experiment=quickstart``) on the same on-device batches (``DeviceBatches``, same seed, same
 augmentation), with the same optimiser and schedule (``configure_optimizers``):
 
-* plain:     ``loss = module._loss(images, labels); loss.backward(); opt.step(); sched.step(); opt.zero_grad()``
+* plain:     ``loss = module._loss(images, labels, template); loss.backward(); opt.step(); sched.step(); opt.zero_grad()``
 * lightning: ``Trainer.fit(module)`` with logger=False, no checkpointing, no progress bar, no
   validation, no model summary; the module's ``training_step`` (its ``self.log`` calls included).
 
@@ -66,8 +66,9 @@ def run_plain(cfg, device: str, total_steps: int, precision: str) -> list[float]
             if step >= total_steps:
                 break
             stamps.append(time.perf_counter())
+            template = torch.randint(len(module.train_templates), labels.shape, device=labels.device)  # as training_step draws
             with autocast:
-                loss = module._loss(images, labels)
+                loss = module._loss(images, labels, template)
             loss.backward()
             optimizer.step()
             scheduler.step()
