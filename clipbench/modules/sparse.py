@@ -36,6 +36,7 @@ class SolverOptions:
             max_iter=self.max_iter,
             max_rounds=self.max_rounds,
             working_set=self.working_set,
+            chunk_size=max(1, len(embeddings)),  # the caller's batch (task.batch_size) bounds the memory
         )
 
 

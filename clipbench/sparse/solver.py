@@ -17,8 +17,9 @@ problem, cheap), and one dense product over the whole dictionary checks optimali
 The gap certifies the answer: the objective is at most ``tol`` (relative) above the optimum,
 whatever the conditioning, which is what the agreement with scikit-learn is tested on. A dense
 FISTA or ADMM over all K concepts costs two (d x K) products per iteration and per row, for hundreds
-of iterations; here each round costs one, for a handful of rounds (``benchmarks/sparse_solver.py``
-measures both against scikit-learn).
+of iterations (SpLiCE's ADMM, with its cached K x K Cholesky factor, a K x K solve); here each round
+costs one, for a handful of rounds (``benchmarks/sparse_solver.py`` measures this solver, SpLiCE's
+ADMM and scikit-learn one embedding at a time on the same problem).
 """
 
 from __future__ import annotations
