@@ -6,12 +6,12 @@ group options (``model=nope``) by Hydra's config search; this module checks *val
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 
 class ConfigError(ValueError):
@@ -84,3 +84,21 @@ def validate(cfg: DictConfig) -> None:
             good = False
         if not good:
             raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+def check_values(checks: Iterable[tuple[str, Any, bool, str]]) -> None:
+    """A task's own value checks, ``(key, value, valid, what a valid value is)``, run at its start:
+    the first invalid value fails naming its key."""
+    for key, value, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+def take_pairs_input(cfg: DictConfig, what: str) -> None:
+    """``task.input`` is shorthand for ``data.input`` (the pairs data module's input); one of them must
+    name ``what`` the task reads."""
+    if cfg.task.input:
+        with open_dict(cfg):
+            cfg.data.input = cfg.task.input
+    if OmegaConf.is_missing(cfg.data, "input"):
+        raise ConfigError(f"task.input (or data.input) must name {what}")

@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
-from clipbench.config import ConfigError
+from clipbench.config import ConfigError, check_values, take_pairs_input
 from clipbench.data.pair_sources import Columns, CsvSource, open_source
 from clipbench.misalign.shuffle import MODES, pair_cosines, shuffle_captions, shuffle_report, tfidf_matrix
 
@@ -39,14 +39,8 @@ def prepare_config(cfg: DictConfig) -> None:
         ("task.top_k", task.top_k, isinstance(task.top_k, int) and task.top_k > 0, "a positive integer"),
         ("task.examples", task.examples, isinstance(task.examples, int) and task.examples >= 0, "a non-negative integer"),
     ]
-    for key, value, ok, expected in checks:
-        if not ok:
-            raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
-    if task.input:
-        with open_dict(cfg):
-            cfg.data.input = task.input
-    if OmegaConf.is_missing(cfg.data, "input"):
-        raise ConfigError("task.input (or data.input) must name the image-caption table to misalign: a CSV/TSV or Parquet file")
+    check_values(checks)
+    take_pairs_input(cfg, "the image-caption table to misalign: a CSV/TSV or Parquet file")
 
 
 def read_table(cfg: DictConfig) -> tuple[pa.Table, Any, int]:

@@ -22,10 +22,10 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
 from clipbench import plots
-from clipbench.config import ConfigError
+from clipbench.config import ConfigError, check_values, take_pairs_input
 from clipbench.data.image_loading import BadRow
 from clipbench.data.pair_sources import PairSource
 from clipbench.data.pairs import PairsDataModule
@@ -53,19 +53,13 @@ def prepare_config(cfg: DictConfig) -> None:
         ("task.grid_pairs", task.grid_pairs, task.grid_pairs >= 0, "non-negative"),
         ("task.histogram_bins", task.histogram_bins, task.histogram_bins > 0, "positive"),
     ]
-    for key, value, ok, expected in checks:
-        if not ok:
-            raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+    check_values(checks)
     if task.keep_min_score is not None and task.keep_top_fraction is not None:
         raise ConfigError("task.keep_min_score and task.keep_top_fraction are alternatives: set one of them")
     target = cfg.data.get("_target_", "")
     if not isinstance(get_class(target), type) or not issubclass(get_class(target), PairsDataModule):
         raise ConfigError(f"task=score reads image-caption pairs: data must be data=pairs (a PairsDataModule), not {target}")
-    if task.input:
-        with open_dict(cfg):
-            cfg.data.input = task.input
-    if OmegaConf.is_missing(cfg.data, "input"):
-        raise ConfigError("task.input (or data.input) must name the pairs to score: a CSV/TSV, a Parquet file or tar shards")
+    take_pairs_input(cfg, "the pairs to score: a CSV/TSV, a Parquet file or tar shards")
 
 
 def sigmoid_parameters(backbone: CLIPBackbone) -> tuple[float, float] | None:

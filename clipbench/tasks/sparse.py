@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms import v2
 
 from clipbench import plots, runs
-from clipbench.config import ConfigError
+from clipbench.config import ConfigError, check_values
 from clipbench.data.datamodule import atomic_save
 from clipbench.embeddings import EvalDataModule, model_identity
 from clipbench.hydra_ddp import ddp_job
@@ -63,9 +63,7 @@ def check_options(task: DictConfig) -> None:
         ("task.examples", task.examples, task.examples >= 0, "non-negative"),
         ("task.vocab", task.vocab, readable(str(task.vocab)), "default, classes, or the path of an existing text file"),
     ]
-    for key, value, ok, expected in checks:
-        if not ok:
-            raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+    check_values(checks)
 
 
 def solver_options(task: DictConfig) -> SolverOptions:
