@@ -76,12 +76,18 @@ def random_unit(rows: int, dim: int, seed: int, dtype=torch.float64) -> torch.Te
 
 
 # ------------------------------------------------------------------------------------ the solver
+# Each way of solving the restricted problems (compiled on the CPU, batched as on a GPU), each way of
+# getting their Gram matrices (read from the dictionary's, or gathered and multiplied).
+METHODS = [{"restricted_method": "compiled"}, {"restricted_method": "batched"}, {"restricted_method": "compiled", "gram": None}]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=["compiled", "batched", "compiled-gathered"])
 @pytest.mark.parametrize("nonneg", [True, False], ids=["nonneg", "signed"])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-8), (torch.float32, 1e-5)], ids=["float64", "float32"])
-def test_objective_matches_sklearn_on_random_embeddings(nonneg, dtype, tol):
+def test_objective_matches_sklearn_on_random_embeddings(nonneg, dtype, tol, method):
     dictionary, embeddings = random_unit(300, 32, 0, dtype), random_unit(6, 32, 1, dtype)
     for lam in (0.1, 0.5):
-        check_agreement(embeddings, dictionary, lam, nonneg, tol=tol)
+        check_agreement(embeddings, dictionary, lam, nonneg, tol=tol, **method)
 
 
 def _centred(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -96,15 +102,16 @@ def real_problem(backbone, concepts: list[str], images: torch.Tensor) -> tuple[t
     return _centred(text, text.mean(0)), _centred(image, image.mean(0))
 
 
+@pytest.mark.parametrize("method", METHODS, ids=["compiled", "batched", "compiled-gathered"])
 @pytest.mark.parametrize("nonneg", [True, False], ids=["nonneg", "signed"])
-def test_objective_matches_sklearn_on_real_embeddings(nonneg, quickstart_checkpoint):
+def test_objective_matches_sklearn_on_real_embeddings(nonneg, method, quickstart_checkpoint):
     backbone = load_clipbench(quickstart_checkpoint)
     data = EvalDataModule("digits", backbone.image_spec, decode_size=8, eval_batch_size=64)
     images, _ = next(iter(data.eval_batches("test", CPU)))
     concepts = DEFAULT_FILE.read_text().splitlines()[:400]
     dictionary, embeddings = real_problem(backbone, concepts, images[:6])
-    check_agreement(embeddings.float(), dictionary.float(), 0.25, nonneg)  # the task's precision and tolerance
-    check_agreement(embeddings, dictionary, 0.1, nonneg, tol=1e-8)
+    check_agreement(embeddings.float(), dictionary.float(), 0.25, nonneg, **method)  # the task's precision and tolerance
+    check_agreement(embeddings, dictionary, 0.1, nonneg, tol=1e-8, **method)
 
 
 @pytest.mark.slow
@@ -162,6 +169,8 @@ def test_bad_inputs_are_refused_with_their_reason():
         lasso(embeddings, random_unit(20, 16, 7), 0.1)
     with pytest.raises(SolverError, match="must match"):
         lasso(embeddings.float(), dictionary, 0.1)
+    with pytest.raises(SolverError, match="restricted_method='newton' is invalid"):
+        lasso(embeddings, dictionary, 0.1, restricted_method="newton")
 
 
 @pytest.mark.parametrize(("key", "value"), [("lam", 0), ("lam", -0.25), ("lam", math.nan), ("lam", math.inf), ("vocab", "/no/such/file")])

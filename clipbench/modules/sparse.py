@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clipbench.sparse.decomposition import centre, recompose
-from clipbench.sparse.solver import lasso
+from clipbench.sparse.solver import dictionary_gram, lasso
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class SolverOptions:
     max_rounds: int = 20
     working_set: int = 32
 
-    def solve(self, embeddings: Tensor, dictionary: Tensor):
+    def solve(self, embeddings: Tensor, dictionary: Tensor, gram: Tensor | str | None = "auto"):
         return lasso(
             embeddings,
             dictionary,
@@ -37,6 +37,7 @@ class SolverOptions:
             max_rounds=self.max_rounds,
             working_set=self.working_set,
             chunk_size=max(1, len(embeddings)),  # the caller's batch (task.batch_size) bounds the memory
+            gram=gram,
         )
 
 
@@ -56,6 +57,11 @@ class SparseEvaluation(L.LightningModule):
         self.register_buffer("dictionary", dictionary.float())
         self.register_buffer("classifier", classifier.float())
         self.register_buffer("image_mean", None if image_mean is None else image_mean.float())
+        self.gram: Tensor | None = None
+
+    def on_predict_start(self) -> None:
+        # The dictionary's Gram matrix serves every batch: computed once, on this rank's device.
+        self.gram = dictionary_gram(self.dictionary)
 
     def predict_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> dict:
         features, labels, index = batch
@@ -64,7 +70,7 @@ class SparseEvaluation(L.LightningModule):
             dense = F.normalize(features.float(), dim=-1)
             z = centre(dense, self.image_mean)
             started = time.perf_counter()
-            codes = self.solver.solve(z, self.dictionary)
+            codes = self.solver.solve(z, self.dictionary, self.gram)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - started
