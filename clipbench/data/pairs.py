@@ -6,11 +6,12 @@ row into model input or the reason it cannot be one, in the DataLoader workers:
 
 * the caption must be a non-blank string (else ``empty_caption`` / ``caption_not_string``); one longer
   than the model's context is truncated by the tokenizer and flagged, not dropped;
-* the image is read, fully decoded to RGB and fitted to the model's resolution with its own
-  :class:`ImageSpec` (resize of the short side with the model's interpolation, centre crop) as uint8;
-  scaling and normalisation follow per batch (:meth:`ImageSpec.batch_transform`), identical to
-  :meth:`ImageSpec.pil_transform`;
-* captions are tokenised per batch, in the workers.
+* the image is read, fully decoded to RGB (:func:`~clipbench.data.image_loading.decode_all`: small JPEGs
+  by libjpeg a batch at a time, the same pixels as PIL's) and fitted to the model's resolution with its
+  own :class:`ImageSpec` (resize of the short side with the model's interpolation, centre crop) as
+  uint8; scaling and normalisation follow per batch on the model's device
+  (:meth:`ImageSpec.batch_transform`), identical to :meth:`ImageSpec.pil_transform`;
+* captions are tokenised per batch, in the workers (scoring: tokens and truncation flags in one call).
 
 :class:`PairsDataModule` serves both uses:
 
@@ -37,11 +38,10 @@ import lightning as L
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
-from clipbench.data.image_loading import BadRow, HttpPolicy, ImageLoader, Reason, TarMember, decode, is_url
+from clipbench.data.image_loading import BadRow, HttpPolicy, ImageLoader, Reason, TarMember, decode_all, is_url
 from clipbench.data.pair_sources import Columns, PairRow, PairSource, TarSource, open_source
 from clipbench.data.sources import DataError
 from clipbench.models.backbone import ImageSpec
@@ -49,7 +49,7 @@ from clipbench.models.backbone import ImageSpec
 log = logging.getLogger(__name__)
 
 Tokenize = Callable[[Sequence[str]], Tensor]
-Truncates = Callable[[Sequence[str]], Sequence[bool]]
+TokenizeFlagged = Callable[[Sequence[str]], tuple[Tensor, Sequence[bool]]]  # tokens and truncation flags
 
 
 def check_caption(caption: Any) -> str:
@@ -73,19 +73,20 @@ def row_caption(row: PairRow) -> str:
 class PairPreparer:
     """Rows -> model input (uint8 images at the model's resolution, captions, tokens), or reasons."""
 
-    def __init__(self, image_spec: ImageSpec, loader: ImageLoader, tokenize: Tokenize | None, truncates: Truncates | None) -> None:
-        self.image_spec, self.loader, self.tokenize, self.truncates = image_spec, loader, tokenize, truncates
+    def __init__(
+        self, image_spec: ImageSpec, loader: ImageLoader, tokenize: Tokenize | None, tokenize_flagged: TokenizeFlagged | None = None
+    ) -> None:
+        self.image_spec, self.loader, self.tokenize, self.tokenize_flagged = image_spec, loader, tokenize, tokenize_flagged
 
-    def _fit(self, picture: Image.Image) -> Tensor:
-        """An RGB picture -> uint8 (3, S, S) by :meth:`ImageSpec.fit`, resized as a channels-last batch of
-        one: torchvision's vectorised uint8 path, twice as fast as the planar one, with the same pixels."""
-        pixels = torch.from_numpy(np.array(picture)).permute(2, 0, 1).unsqueeze(0)
-        return self.image_spec.fit(pixels)[0]
+    def _fit(self, pixels: Tensor) -> Tensor:
+        """uint8 RGB (3, H, W) -> uint8 (3, S, S) by :meth:`ImageSpec.fit`, resized as a channels-last batch
+        of one: torchvision's vectorised uint8 path, twice as fast as the planar one, with the same pixels."""
+        return self.image_spec.fit(pixels.unsqueeze(0).contiguous(memory_format=torch.channels_last))[0]
 
     def sample(self, row: PairRow) -> tuple[Tensor, str]:
         """One row -> (uint8 (3, S, S) image, caption), or :class:`BadRow`."""
         caption = row_caption(row)
-        return self._fit(self.loader.load(row.image)), caption
+        return self._fit(self.loader.load_pixels(row.image)), caption
 
     def batch(self, rows: Sequence[PairRow], pool: ThreadPoolExecutor | None = None) -> dict[str, Any]:
         """Several rows at once (URLs fetched concurrently on ``pool``): uint8 images and tokens of the
@@ -101,25 +102,28 @@ class PairPreparer:
         started = time.perf_counter()
         fetched = self._fetch({i: rows[i].image for i in captions}, pool)
         fetch_s, fit_s = time.perf_counter() - started, 0.0
-        images: dict[int, Tensor] = {}
         for i, data in fetched.items():
-            try:
-                if isinstance(data, BadRow):
-                    raise data
-                tick = time.perf_counter()
-                picture = decode(data, rows[i].image)
-                tock = time.perf_counter()
-                images[i] = self._fit(picture)
-                fetch_s, fit_s = fetch_s + tock - tick, fit_s + time.perf_counter() - tock
-            except BadRow as bad:
-                failures[i] = bad
+            if isinstance(data, BadRow):
+                failures[i] = data
+        readable = [i for i, data in fetched.items() if not isinstance(data, BadRow)]
+        decoded = decode_all([(fetched[i], rows[i].image) for i in readable])
+        images: dict[int, Tensor] = {}
+        for i in readable:
+            tick = time.perf_counter()
+            pixels = next(decoded)
+            tock = time.perf_counter()
+            if isinstance(pixels, BadRow):
+                failures[i] = pixels
+            else:
+                images[i] = self._fit(pixels)
+            fetch_s, fit_s = fetch_s + tock - tick, fit_s + time.perf_counter() - tock
         started = time.perf_counter()
-        texts = [captions[i] for i in images]
-        truncated = dict(zip(images, self.truncates(texts))) if self.truncates and texts else {}
+        tokens, flags = self._tokens([captions[i] for i in images])
+        truncated = dict(zip(images, flags))
         size = self.image_spec.size
         return {
             "images": torch.stack(list(images.values())) if images else torch.empty(0, 3, size, size, dtype=torch.uint8),
-            "tokens": self._tokens(texts),
+            "tokens": tokens,
             "error": [bad.reason if bad else None for bad in failures],
             "detail": [bad.detail if bad else None for bad in failures],
             "truncated": [bool(truncated.get(i, False)) for i in range(len(rows))],
@@ -127,12 +131,15 @@ class PairPreparer:
             "preprocess_s": fit_s + time.perf_counter() - started,
         }
 
-    def _tokens(self, texts: list[str]) -> Tensor | list[str]:
+    def _tokens(self, texts: list[str]) -> tuple[Tensor | list[str], Sequence[bool]]:
+        """The texts' tokens (the texts themselves without a tokenizer) and whether each was truncated
+        (known only with ``tokenize_flagged``). No text: an empty batch of the tokenizer's width."""
+        if self.tokenize_flagged is not None:
+            tokens, truncated = self.tokenize_flagged(texts or [""])
+            return (tokens, truncated) if texts else (tokens[:0], [])
         if self.tokenize is None:
-            return texts
-        if not texts:  # no good row: an empty batch of the tokenizer's width
-            return self.tokenize([""])[:0]
-        return self.tokenize(texts)
+            return texts, [False] * len(texts)
+        return self.tokenize(texts or [""])[: len(texts)], [False] * len(texts)
 
     def _fetch(self, references: dict[int, Any], pool: ThreadPoolExecutor | None) -> dict[int, bytes | BadRow]:
         """The bytes of each image, or its BadRow; URLs in parallel when a pool is given."""
@@ -286,7 +293,8 @@ class PairsDataModule(L.LightningDataModule):
     """Image-caption pairs from a CSV/TSV, Parquet or webdataset input (see the module docstring).
 
     ``tokenize`` (the backbone's) turns captions into tokens in the workers; without it batches carry
-    the caption strings. ``truncates`` (the backbone's) flags captions longer than the context.
+    the caption strings. ``tokenize_flagged`` (the backbone's; scoring passes it instead) also flags
+    the captions longer than the context, in the same pass.
     ``shard_size`` (tables) is the scoring task's unit of work; ``done_shards`` lists the shards the
     scoring task has already written, which ``predict_dataloader`` leaves out.
     """
@@ -304,7 +312,7 @@ class PairsDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 4,
         seed: int = 0,
-        truncates: Truncates | None = None,
+        tokenize_flagged: TokenizeFlagged | None = None,
         delimiter: str | None = None,
         column_names: Sequence[str] | None = None,
         shard_size: int = 10_000,
@@ -322,7 +330,7 @@ class PairsDataModule(L.LightningDataModule):
             input, Columns(id_column, image_column, caption_column), shard_size, delimiter, list(column_names) if column_names else None
         )
         self.http = HttpPolicy(**dict(http or {}))
-        self.preparer = PairPreparer(image_spec, ImageLoader(image_root, self.http), tokenize, truncates)
+        self.preparer = PairPreparer(image_spec, ImageLoader(image_root, self.http), tokenize, tokenize_flagged)
         self.train_set: PairsTrainingSet | None = None
         self.done_shards: set[int] = set()
 

@@ -115,6 +115,11 @@ class CLIPBackbone(nn.Module, abc.ABC):
         context = self.tokenize([""]).shape[-1]
         return [length > context for length in untruncated_lengths(self._tokenizer, texts)]
 
+    def tokenize_flagged(self, texts: Sequence[str]) -> tuple[Tensor, list[bool]]:
+        """:meth:`tokenize` and :meth:`truncates` of the same texts. Sources whose tokenizer reports
+        truncation while it encodes override this with one pass (scoring tokenises and flags every caption)."""
+        return self.tokenize(texts), self.truncates(texts)
+
     @abc.abstractmethod
     def projection_parameters(self) -> dict[str, nn.Parameter]:
         """The parameters of the image and text projections, by name, for projection-only training.

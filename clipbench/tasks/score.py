@@ -95,7 +95,7 @@ def run(cfg: DictConfig, models: Mapping[str, DictConfig], out: Path) -> dict[st
     if task.keep_by == "sigmoid" and sigmoid is None:
         raise ConfigError("task.keep_by=sigmoid needs a SigLIP-style model (one with a logit bias); use clip_score or cosine")
     datamodule: PairsDataModule = instantiate(cfg.data, _partial_=True)(
-        image_spec=backbone.image_spec, tokenize=backbone.tokenize, truncates=backbone.truncates, shard_size=task.shard_size
+        image_spec=backbone.image_spec, tokenize_flagged=backbone.tokenize_flagged, shard_size=task.shard_size
     )
     source = datamodule.source
     datamodule.check_rows()
