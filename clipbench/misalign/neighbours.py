@@ -18,7 +18,9 @@ matter (the MaxScore rule of text retrieval, Turtle and Flood 1995):
 The top list is the ``k`` unused rows of highest cosine, ties broken by the lower row number; each
 exact score sums its products in term order, so the result is the same as a full sparse product's.
 A row whose list is empty (no unused row shares a term with it) takes a random unused row instead,
-as the reference's top-k then holds only unrelated rows: so the rate Cs is reached.
+as the reference's top-k then holds only unrelated rows: so the rate Cs is reached. Used rows are
+dropped from the postings (and the terms' largest weights lowered to those left) each time another
+``COMPACT_EVERY`` of all rows got used, so late searches walk only what is left.
 
 Visits run in blocks: the searches of a block's rows run in parallel threads, each against the
 rows used before the block, and keep ``k + SPARE`` rows; the block is then consumed in visiting
@@ -28,22 +30,21 @@ only leaves the list), unless fewer than ``k`` are left of a full list: that row
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import numba
 import numpy as np
 import scipy.sparse as sp
 
-# OpenMP's threads spin while they wait, which starves everything else on a machine whose cores are
-# shared; numba's own work queue does not. (An explicit NUMBA_THREADING_LAYER still wins.)
-if not os.environ.get("NUMBA_THREADING_LAYER"):
-    numba.config.THREADING_LAYER = "workqueue"
+from clipbench.compiled import use_work_queue
+
+use_work_queue()
 
 SKIP_FRACTION = 0.5  # set-aside terms may add at most this fraction of theta: rows sharing only them stay unscored
 ROUNDING = 1e-6  # margin for float32 rounding in the bounds
 SPARE = 8  # rows kept beyond top_k by a search made ahead of its turn
 VISITS_PER_THREAD = 128  # rows of a block per thread
+COMPACT_EVERY = 0.02  # drop used rows from the postings each time this fraction of all rows got used
 
 
 @numba.njit(cache=True)
@@ -83,19 +84,19 @@ def _search(
     ``q`` (module docstring); returns its size. ``query``, ``score`` (zeros) and ``seen`` (never
     ``stamp``) are scratch arrays, left as they were found."""
     indptr, indices, data = matrix
-    term_ptr, term_rows = postings
+    term_ptr, term_end, term_rows = postings
     k = len(best_rows)
     terms, weights = indices[indptr[q] : indptr[q + 1]], data[indptr[q] : indptr[q + 1]]
     for i in range(len(terms)):
         query[terms[i]] = weights[i]
-    frequency = term_ptr[terms + 1] - term_ptr[terms]
+    frequency = term_end[terms] - term_ptr[terms]
     done = np.zeros(len(terms), dtype=np.bool_)
     found = 0
     for i in np.argsort(frequency):  # 1. the rarest terms, until the top list is full
         if found == k:
             break
         done[i] = True
-        for p in range(term_ptr[terms[i]], term_ptr[terms[i] + 1]):
+        for p in range(term_ptr[terms[i]], term_end[terms[i]]):
             other = term_rows[p]
             if not used[other] and other != q and seen[other] != stamp:
                 seen[other] = stamp
@@ -111,7 +112,7 @@ def _search(
     for i in range(len(terms)):  # 3. accumulate the other terms' part
         if done[i]:
             continue
-        for p in range(term_ptr[terms[i]], term_ptr[terms[i] + 1]):
+        for p in range(term_ptr[terms[i]], term_end[terms[i]]):
             other = term_rows[p]
             if used[other] or other == q:
                 continue
@@ -128,6 +129,23 @@ def _search(
     for i in range(len(terms)):
         query[terms[i]] = 0.0
     return found
+
+
+@numba.njit(cache=True)
+def _compact(postings, term_weights, max_weight, used):  # pragma: no cover (compiled)
+    """Drop used rows from every term's postings (in place, order kept) and lower the terms' largest
+    weights to those of the rows left: later searches walk less and set more aside."""
+    term_ptr, term_end, term_rows = postings
+    for term in range(len(term_end)):
+        kept = term_ptr[term]
+        heaviest = np.float32(0.0)
+        for p in range(term_ptr[term], term_end[term]):
+            if not used[term_rows[p]]:
+                term_rows[kept], term_weights[kept] = term_rows[p], term_weights[p]
+                heaviest = max(heaviest, term_weights[p])
+                kept += 1
+        term_end[term] = kept
+        max_weight[term] = heaviest
 
 
 @numba.njit(cache=True)
@@ -208,7 +226,7 @@ class NeighbourSwapper:
         by_term.sort_indices()
         n, features = tfidf.shape
         self.matrix = (tfidf.indptr.astype(np.int64), tfidf.indices.astype(np.int64), tfidf.data)
-        self.postings = (by_term.indptr.astype(np.int64), by_term.indices.astype(np.int64))
+        self.postings = (by_term.indptr.astype(np.int64), by_term.indptr[1:].astype(np.int64), by_term.indices.astype(np.int32))
         self.term_weights = by_term.data
         self.max_weight = np.zeros(features, dtype=np.float32)
         nonempty = np.diff(by_term.indptr) > 0
@@ -236,7 +254,8 @@ class NeighbourSwapper:
         """Visit the rows of ``order`` in turn, skipping used ones, until ``target`` rows are misaligned.
         Blocks are the next unused rows (so no search is made for a row already taken); ``progress``
         gets the misaligned rows each block added."""
-        position = 0
+        _compact(self.postings, self.term_weights, self.max_weight, self.used)  # rows without a usable caption
+        position, compacted = 0, int(self.state[0])
         while self.state[0] < target and position < len(order):
             window = order[position : position + 4 * self.block]
             free = np.flatnonzero(~self.used[window])[: self.block]
@@ -251,5 +270,8 @@ class NeighbourSwapper:
                 block, stamps + len(block), self.lists, self.counts, *args, self.scratch, draws, target,
                 self.used, self.source, self.pairs, self.state, self.top_k,
             )  # fmt: skip
+            if self.state[0] - compacted >= COMPACT_EVERY * len(self.used):
+                _compact(self.postings, self.term_weights, self.max_weight, self.used)
+                compacted = int(self.state[0])
             if progress is not None:
                 progress(int(self.state[0]) - before)

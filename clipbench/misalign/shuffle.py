@@ -11,9 +11,10 @@
 
 Where it differs from the reference, and why:
 
-* The neighbours come from sparse products of a block of rows with the transposed TF-IDF matrix (an
-  inverted index: only rows sharing a term are touched), blocks sized to a bounded number of
-  entries. The reference builds the dense N x N similarity matrix: 40 GB at 100,000 captions.
+* The neighbours come from a search of the TF-IDF matrix's inverted index (only unused rows sharing
+  a term are touched, and frequent terms are skipped where they cannot change the top-k:
+  :mod:`clipbench.misalign.neighbours`). The reference builds the dense N x N similarity matrix:
+  40 GB at 100,000 captions.
   The answer is the same: the exact top-k among the unused rows, recomputed as rows get used.
 * A candidate must share a term with the row (cosine > 0). When fewer than ``top_k`` such rows are
   left, the reference fills its top-k with arbitrary unrelated rows (cosine 0); here the row picks
