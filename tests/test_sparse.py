@@ -27,7 +27,7 @@ from clipbench.embeddings import EvalDataModule
 from clipbench.evaluation import evaluate, model_entries
 from clipbench.models.checkpoint import load_clipbench
 from clipbench.sparse.decomposition import index_bytes, recompose, storage_bytes
-from clipbench.sparse.solver import SolverError, SparseCodes, lasso
+from clipbench.sparse.solver import SolverError, SparseCodes, dictionary_gram, lasso
 from clipbench.sparse.vocabulary import DEFAULT_FILE, Vocabulary, VocabularyError, load_vocabulary, select
 from clipbench.sweeps import write_summary
 from clipbench.tasks.sparse import Decomposition, check_options, metrics_of
@@ -171,6 +171,12 @@ def test_bad_inputs_are_refused_with_their_reason():
         lasso(embeddings.float(), dictionary, 0.1)
     with pytest.raises(SolverError, match="restricted_method='newton' is invalid"):
         lasso(embeddings, dictionary, 0.1, restricted_method="newton")
+    with pytest.raises(SolverError, match=r"gram \(5, 5\) .* is not this dictionary's"):
+        lasso(embeddings, dictionary, 0.1, gram=dictionary_gram(dictionary[:5]))
+    with pytest.raises(SolverError, match=r"solves float32 or float64, not torch\.float16"):
+        lasso(embeddings.half(), dictionary.half(), 0.1, tol=0.2)
+    tracked = lasso(embeddings.clone().requires_grad_(), dictionary, 0.1)  # a solve, not a graph node
+    torch.testing.assert_close(tracked.values, lasso(embeddings, dictionary, 0.1).values)
 
 
 @pytest.mark.parametrize(("key", "value"), [("lam", 0), ("lam", -0.25), ("lam", math.nan), ("lam", math.inf), ("vocab", "/no/such/file")])

@@ -135,9 +135,12 @@ def lasso(
     """Solve the Lasso above for every row of ``embeddings`` (N, d) over ``dictionary`` (K, d).
 
     Runs on the device and in the floating dtype of the inputs. ``tol``: stop a row once its duality
-    gap is at most ``tol`` times its objective. ``max_iter``: iterations per round of the restricted
-    problems (coordinate-descent sweeps on the CPU, FISTA steps elsewhere); ``max_rounds``: working-set
-    rounds. ``working_set``: the initial number of candidate concepts per row (it grows as needed).
+    gap is at most ``tol`` times its objective. ``max_iter``: iterations per solve of a restricted
+    problem (coordinate-descent sweeps on the CPU, FISTA steps elsewhere; on the CPU a round solves
+    again after each improvement of the working set, at most ``restricted.MAX_SWAPS`` times);
+    ``max_rounds``: working-set rounds (dense checks). The compiled method runs numba kernels on its
+    work-queue threading layer, which refuses concurrent calls: do not call it from several threads
+    at once. ``working_set``: the initial number of candidate concepts per row (it grows as needed).
     Rows are solved ``chunk_size`` at a time, which bounds the memory. ``gram``: the dictionary's
     :func:`dictionary_gram`, or None to gather the working sets' concepts each round instead; "auto"
     computes it when there are at least a tenth as many rows as concepts (below that it costs more
@@ -145,11 +148,19 @@ def lasso(
     (coordinate descent, one row per CPU thread), "batched" (FISTA over all rows at once, on any
     device), or "auto": compiled on the CPU, batched elsewhere.
     """
+    embeddings, dictionary = embeddings.detach(), dictionary.detach()  # a solve, not a differentiable op
     _check(embeddings, dictionary, lam, tol)
     if isinstance(gram, str):
         gram = dictionary_gram(dictionary) if 10 * len(embeddings) >= len(dictionary) else None
+    elif gram is not None and (gram.shape != (len(dictionary), len(dictionary)) or gram.device != dictionary.device):
+        raise SolverError(
+            f"gram {tuple(gram.shape)} on {gram.device} is not this dictionary's D D^T: expected ({len(dictionary)}, {len(dictionary)}) "
+            f"on {dictionary.device} (see dictionary_gram)"
+        )
     if restricted_method == "auto":
         restricted_method = "compiled" if embeddings.device.type == "cpu" else "batched"
+    if restricted_method == "compiled" and embeddings.dtype not in (torch.float32, torch.float64):
+        raise SolverError(f"restricted_method='compiled' solves float32 or float64, not {embeddings.dtype}: cast, or use 'batched'")
     if restricted_method not in ("compiled", "batched") or (restricted_method == "compiled" and embeddings.device.type != "cpu"):
         raise SolverError(
             f"restricted_method={restricted_method!r} is invalid on {embeddings.device}: expected one of 'auto', 'compiled' (CPU), 'batched'"
