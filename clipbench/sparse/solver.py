@@ -207,10 +207,11 @@ def _check(embeddings: Tensor, dictionary: Tensor, lam: float, tol: float) -> No
 
 
 def _violation_order(corr: Tensor, nonneg: bool) -> Tensor:
-    """``corr`` (D r, the correlations with the residual) as a score that orders the concepts as their
-    violation of optimality does (2 corr - lam, or 2 |corr| - lam signed: the gradient of the smooth
-    part is -2 corr): the first ones most want to enter. Unsigned, ``corr`` itself."""
-    return corr if nonneg else corr.abs()
+    """A new tensor scoring the concepts by ``corr`` (D r, the correlations with the residual) as their
+    violation of optimality orders them (2 corr - lam, or 2 |corr| - lam signed: the gradient of the
+    smooth part is -2 corr): the first ones most want to enter. ``corr`` itself is left intact (it is
+    the next round's exact base)."""
+    return corr.clone() if nonneg else corr.abs()
 
 
 def _gap(zz: Tensor, zr: Tensor, rr: Tensor, l1: Tensor, max_corr: Tensor, lam: float) -> tuple[Tensor, Tensor]:
@@ -414,7 +415,7 @@ def _solve_chunk(
         todo, corr, candidates, w = todo[unfinished], corr[unfinished], candidates[unfinished], w[unfinished]
         base, base_rows = corr, torch.arange(len(todo), device=z.device)
         current = torch.zeros_like(corr).scatter_(1, candidates, w)
-        score = _violation_order(corr, nonneg).clone().scatter_(1, candidates, -math.inf)
+        score = _violation_order(corr, nonneg).scatter_(1, candidates, -math.inf)
         # A row that failed although no concept outside its working set wants in needs more accurate
         # arithmetic, not a larger set.
         precise[todo[2 * score.amax(dim=1) <= lam]] = True
