@@ -30,7 +30,7 @@ import _common as C
 
 MODELS = {
     # the real run's architecture: clipbench's airbench ResNet (BatchNorm) and text Transformer, embed 256
-    "clip_fast": ["model=clip_fast"],
+    "clip_fast": ["model=clip_fast", "model.backbone.vocabulary=null"],  # pairs' captions: CLIP's full vocabulary
     # the reference's scale: open_clip ViT-B/32, random weights (no download)
     "vit_b32": ["model=open_clip", "model.backbone.model_name=ViT-B-32", "model.backbone.pretrained=null"],
 }

@@ -246,7 +246,9 @@ def patch_grid(images: Tensor, patch_size: int) -> tuple[int, int]:
 
 def untruncated_lengths(tokenizer: object, texts: Sequence[str]) -> list[int]:
     """Token positions each text takes before any truncation, special tokens included."""
-    if type(tokenizer).__module__.startswith("open_clip"):  # imported only when open_clip made the tokenizer
+    # open_clip is imported only when it made the tokenizer, or a subclass of one of its tokenizers did
+    # (clipbench.models.vocabulary.CompactTokenizer).
+    if any(cls.__module__.startswith("open_clip") for cls in type(tokenizer).__mro__):
         from open_clip.tokenizer import SimpleTokenizer
 
         if isinstance(tokenizer, SimpleTokenizer):  # start + BPE tokens (after its own cleaning) + end
