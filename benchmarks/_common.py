@@ -106,6 +106,58 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
 
 
+# ------------------------------------------------------------------------------ training step rates
+def window_rate(stamps: list[float], warmup: int, steps: int) -> float:
+    """Steps per second from the start of step ``warmup`` to the start of step ``warmup+steps``
+    (the last stamp is the end of training when that step does not exist)."""
+    end = min(warmup + steps, len(stamps) - 1)
+    return (end - warmup) / (stamps[end] - stamps[warmup])
+
+
+def median_step_rate(stamps: list[float], warmup: int, steps: int) -> float:
+    """1 / the median step-to-step interval in the window: robust to bursts of contention from other jobs."""
+    end = min(warmup + steps, len(stamps) - 1)
+    return 1.0 / median(b - a for a, b in zip(stamps[warmup:end], stamps[warmup + 1 : end + 1]))
+
+
+def alternating_step_rates(runners: dict[str, Any], repeats: int, warmup: int, steps: int) -> list[dict[str, Any]]:
+    """Runs two training loops ``repeats`` times each, alternating which goes first, and returns a row
+    per run with its step rates over the same window. ``runners``: side name -> a function returning
+    the start time of every step (and the end of training last)."""
+    rows = []
+    first, second = runners
+    for rep in range(repeats):
+        order = [first, second] if rep % 2 == 0 else [second, first]
+        for side in order:
+            stamps = runners[side]()
+            rate, robust = window_rate(stamps, warmup, steps), median_step_rate(stamps, warmup, steps)
+            rows.append(
+                {
+                    "repeat": rep,
+                    "side": side,
+                    "order": order.index(side),
+                    "steps_per_s": rate,
+                    "ms_per_step": 1000 / rate,
+                    "median_step_ms": 1000 / robust,
+                    "steps_per_s_from_median_step": robust,
+                }
+            )
+            print(f"  repeat {rep} {side:9s}: {rate:8.2f} steps/s ({1000 / rate:.1f} ms/step; median step {1000 / robust:.1f} ms)")
+    return rows
+
+
+def side_median(rows: Sequence[dict[str, Any]], side: str, key: str = "steps_per_s") -> float:
+    return median(r[key] for r in rows if r["side"] == side)
+
+
+def median_pair_ratio(rows: Sequence[dict[str, Any]], numerator: str, denominator: str) -> float:
+    """The median over repeats of one side's steps/s over the other's in the same repeat."""
+    by_repeat: dict[int, dict[str, float]] = {}
+    for r in rows:
+        by_repeat.setdefault(r["repeat"], {})[r["side"]] = r["steps_per_s"]
+    return median(rates[numerator] / rates[denominator] for rates in by_repeat.values())
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
     if not rows:
         return "(no rows)\n"

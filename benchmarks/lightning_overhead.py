@@ -15,7 +15,12 @@ The pair is repeated ``--repeats`` times, alternating which side runs first; med
 
 Target (issue): Lightning at most 5% slower than the plain loop (ratio lightning/plain >= 0.95).
 
+``--preset tiny`` shrinks the model to a few thousand parameters so fixed per-step costs dominate
+(how the overhead is measured on a CPU); ``--sync-debug`` (CUDA) makes torch warn at every host-device
+synchronisation during the Lightning run, with its stack, to find what stalls the queue.
+
     python benchmarks/lightning_overhead.py [--device cpu|cuda] [--steps 60] [--warmup 10] [--repeats 3]
+        [--preset tiny] [--sync-debug] [--experiment cifar10_fast --precision bf16-mixed]
 """
 
 from __future__ import annotations
@@ -24,11 +29,23 @@ import argparse
 import tempfile
 import time
 from contextlib import nullcontext
+from functools import partial
 from types import SimpleNamespace
 
 import _common as C
 
 TARGET_RATIO = 0.95
+# A model so small that the step is Lightning's and the framework's fixed costs, not arithmetic.
+PRESETS = {
+    "tiny": [
+        "model.backbone.embed_dim=16",
+        "model.backbone.text_width=16",
+        "model.backbone.text_heads=1",
+        "model.backbone.text_layers=1",
+        "model.backbone.image_tower.widths=[8,8,8]",
+        "data.batch_size=32",
+    ],
+}
 
 
 def build(cfg, device: str):
@@ -51,7 +68,7 @@ def run_plain(cfg, device: str, total_steps: int, precision: str) -> list[float]
     module, datamodule = build(cfg, device)
     dev = torch.device(device)
     # The module and datamodule ask their trainer for a few things; a stub answers them.
-    datamodule.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=dev), global_rank=0, world_size=1)
+    datamodule.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=dev), global_rank=0, world_size=1, overfit_batches=0)
     module.trainer = SimpleNamespace(world_size=1, estimated_stepping_batches=total_steps, datamodule=datamodule)
     module.setup("fit")
     module.to(dev).train()
@@ -66,6 +83,7 @@ def run_plain(cfg, device: str, total_steps: int, precision: str) -> list[float]
             if step >= total_steps:
                 break
             stamps.append(time.perf_counter())
+            images = module._in_memory_format(images)  # as training_step does (channels_last recipes)
             template = torch.randint(len(module.train_templates), labels.shape, device=labels.device)  # as training_step draws
             with autocast:
                 loss = module._loss(images, labels, template)
@@ -115,19 +133,6 @@ def run_lightning(cfg, device: str, total_steps: int, precision: str) -> list[fl
     return stamps.stamps
 
 
-def window_rate(stamps: list[float], warmup: int, steps: int, device: str) -> float:
-    """Steps per second from the start of step ``warmup`` to the start of step ``warmup+steps``
-    (the last stamp is the end of training when that step does not exist)."""
-    end = min(warmup + steps, len(stamps) - 1)
-    return (end - warmup) / (stamps[end] - stamps[warmup])
-
-
-def median_step_rate(stamps: list[float], warmup: int, steps: int) -> float:
-    """1 / the median step-to-step interval in the window: robust to bursts of contention from other jobs."""
-    end = min(warmup + steps, len(stamps) - 1)
-    return 1.0 / C.median(b - a for a, b in zip(stamps[warmup:end], stamps[warmup + 1 : end + 1]))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_device_arg(parser)
@@ -137,6 +142,8 @@ def main() -> None:
     parser.add_argument("--experiment", default="quickstart")
     parser.add_argument("--precision", default="32-true", help="32-true or bf16-mixed (autocast on the plain side)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model-size overrides (tiny: fixed costs dominate)")
+    parser.add_argument("--sync-debug", action="store_true", help="CUDA: warn at every host sync during the Lightning runs")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. data=synthetic data.batch_size=256")
     args = parser.parse_args()
     device = C.resolve_device(args.device)
@@ -149,6 +156,7 @@ def main() -> None:
         f"experiment={args.experiment}",
         "logger=none",
         f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
+        *PRESETS.get(args.preset, []),
         *args.overrides,
     ]
     tmp = tempfile.mkdtemp(prefix="bench-lightning-")
@@ -158,43 +166,20 @@ def main() -> None:
     info = C.describe_device(device)
     print(f"device: {info['name']}; {args.repeats} pairs of {total} steps (timed: {args.warmup}..{args.warmup + args.steps})")
 
-    runners = {"plain": run_plain, "lightning": run_lightning}
-    rows = []
-    for rep in range(args.repeats):
-        order = ["plain", "lightning"] if rep % 2 == 0 else ["lightning", "plain"]
-        for side in order:
-            stamps = runners[side](cfg, device, total, args.precision)
-            rate = window_rate(stamps, args.warmup, args.steps, device)
-            robust = median_step_rate(stamps, args.warmup, args.steps)
-            rows.append(
-                {
-                    "repeat": rep,
-                    "side": side,
-                    "order": order.index(side),
-                    "steps_per_s": rate,
-                    "ms_per_step": 1000 / rate,
-                    "median_step_ms": 1000 / robust,
-                    "steps_per_s_from_median_step": robust,
-                }
-            )
-            print(f"  repeat {rep} {side:9s}: {rate:8.2f} steps/s ({1000 / rate:.1f} ms/step; median step {1000 / robust:.1f} ms)")
-
-    plain = C.median(r["steps_per_s"] for r in rows if r["side"] == "plain")
-    light = C.median(r["steps_per_s"] for r in rows if r["side"] == "lightning")
-    pair_ratios = [
-        next(r["steps_per_s"] for r in rows if r["repeat"] == k and r["side"] == "lightning")
-        / next(r["steps_per_s"] for r in rows if r["repeat"] == k and r["side"] == "plain")
-        for k in range(args.repeats)
-    ]
+    if args.sync_debug and device == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")  # both sides: a sync the plain loop has too is not Lightning's
+    runners = {side: partial(run, cfg, device, total, args.precision) for side, run in (("plain", run_plain), ("lightning", run_lightning))}
+    rows = C.alternating_step_rates(runners, args.repeats, args.warmup, args.steps)
+    plain, light = C.side_median(rows, "plain"), C.side_median(rows, "lightning")
     ratio = light / plain
-    plain_med = C.median(r["steps_per_s_from_median_step"] for r in rows if r["side"] == "plain")
-    light_med = C.median(r["steps_per_s_from_median_step"] for r in rows if r["side"] == "lightning")
+    plain_med = C.side_median(rows, "plain", "steps_per_s_from_median_step")
+    light_med = C.side_median(rows, "lightning", "steps_per_s_from_median_step")
     summary = {
         "plain_steps_per_s": plain,
         "lightning_steps_per_s": light,
         "ratio_lightning_over_plain": ratio,
         "overhead_pct": (1 / ratio - 1) * 100,
-        "median_pair_ratio": C.median(pair_ratios),
+        "median_pair_ratio": C.median_pair_ratio(rows, "lightning", "plain"),
         "plain_steps_per_s_median_step": plain_med,
         "lightning_steps_per_s_median_step": light_med,
         "ratio_median_step": light_med / plain_med,
@@ -204,6 +189,7 @@ def main() -> None:
     }
     params = {
         "experiment": args.experiment,
+        "preset": args.preset,
         "overrides": overrides,
         "precision": args.precision,
         "warmup": args.warmup,
@@ -223,7 +209,9 @@ def main() -> None:
             "CPU timings on a shared machine are noisy: compare the per-pair ratios and the median-step "
             "rates (1 / median step interval), which shrug off bursts of load from other jobs"
         )
-    C.save_results("lightning_overhead", info, params, rows, summary, notes)
+    # One file per model: the quickstart as before, other experiments and presets beside it.
+    suffix = "".join(f"_{part}" for part in (args.experiment if args.experiment != "quickstart" else None, args.preset) if part)
+    C.save_results("lightning_overhead", info, params, rows, summary, notes, suffix=suffix)
 
 
 if __name__ == "__main__":

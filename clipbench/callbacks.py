@@ -9,6 +9,9 @@ from pathlib import Path
 import lightning as L
 import pandas as pd
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging as LightningEMAWeightAveraging
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
@@ -20,6 +23,76 @@ def log_figure(trainer: L.Trainer, key: str, path: Path) -> None:
     for logger in trainer.loggers:
         if hasattr(logger, "log_image"):
             logger.log_image(key=key, images=[str(path)])
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` for resuming: every ``every_n_epochs`` epochs (0: none during training) or every
+    ``every_n_train_steps`` steps, and always once more when training ends, so the file holds the
+    final state whatever the interval.
+
+    Lightning's own ``save_last`` writes at the end only when nothing was written before, and then only
+    next to a top-k checkpoint; a fast recipe wants one write at the end and nothing per epoch.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_epochs: int = 1,
+        every_n_train_steps: int | None = None,
+        save_weights_only: bool = False,
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename="last",
+            enable_version_counter=False,
+            save_top_k=1,  # one file, overwritten (no monitor: the newest is kept)
+            save_weights_only=save_weights_only,
+            every_n_epochs=None if every_n_train_steps else every_n_epochs,
+            every_n_train_steps=every_n_train_steps,
+        )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        # Skipped when the last interval already wrote this very step (or in a fast_dev_run).
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class EMAWeightAveraging(LightningEMAWeightAveraging):
+    """Lightning's exponential moving average of the weights (``callbacks=ema``), its buffers included
+    (``use_buffers``: BatchNorm's running statistics are averaged with the weights they belong to).
+    As Lightning documents it: validation swaps the average in, a checkpoint's ``state_dict`` is the
+    average (the raw weights beside it, for resuming), and the module holds the average when training
+    ends, so the test sees it. Two changes for clipbench's training module:
+
+    - The averaged copy is taken once the module is set up (when training starts, or when a resumed
+      run loads its checkpoint), not in the callbacks' ``setup``, which Lightning runs before the
+      module's: the module's ``setup`` adds to the model (caption tokens, a text tower sized to the
+      compact vocabulary), and Lightning pairs the copy's tensors with the module's by position.
+    - A checkpoint loaded outside fitting (``trainer.test(ckpt_path=<best>)``) is tested with its
+      averaged weights; Lightning's callback, still holding an average after fitting, would load the
+      raw weights over them.
+
+    Lightning writes the average into a checkpoint from the callbacks' checkpoint hook, which it skips
+    for weights-only files: a checkpoint callback with ``save_weights_only`` would keep the raw weights
+    (refused at start-up, :mod:`clipbench.config`).
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Nothing yet: the module is not set up (see :meth:`_copy_set_up_module`)."""
+
+    def _copy_set_up_module(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._average_model is None:
+            super().setup(trainer, pl_module, "fit")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._copy_set_up_module(trainer, pl_module)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return  # the checkpoint's state_dict, already loaded, is the average
+        self._copy_set_up_module(trainer, pl_module)
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 
 class EpochHistory(L.Callback):

@@ -26,6 +26,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("model.warmup_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("model.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("model.trainable", lambda v: v in ("all", "projections"), "'all' or 'projections'"),
+    ("model.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("callbacks.ema.decay", lambda v: 0 <= v < 1, "in [0, 1) (1 would never move the average)"),
     ("data.batch_size", lambda v: v > 0, "a positive integer"),
     ("data.eval_batch_size", lambda v: v > 0, "a positive integer"),
     ("data.num_workers", lambda v: v >= 0, "non-negative"),
@@ -59,10 +61,19 @@ def _check_combinations(cfg: DictConfig) -> None:
                 f"optimized_metric={cfg.optimized_metric} with data.val_fraction=0 would tune hyper-parameters on the "
                 "test split (validation runs on it): hold out data.val_fraction > 0"
             )
+    if cfg.get("test_ckpt") == "best" and "callbacks" in cfg and not OmegaConf.select(cfg, "callbacks.model_checkpoint"):
+        raise ConfigError("test_ckpt=best needs callbacks.model_checkpoint (it keeps the best weights): set test_ckpt=last")
     if OmegaConf.select(cfg, "trainer.sync_batchnorm", default=False) and OmegaConf.select(cfg, "trainer.accelerator") == "cpu":
         raise ConfigError(
             "trainer.sync_batchnorm=true needs GPUs (SyncBatchNorm is CUDA-only); set trainer.sync_batchnorm=false for DDP on CPUs"
         )
+    if OmegaConf.select(cfg, "callbacks.ema", default=None):
+        for name in ("model_checkpoint", "last_checkpoint"):
+            if OmegaConf.select(cfg, f"callbacks.{name}.save_weights_only", default=False):
+                raise ConfigError(
+                    f"callbacks.{name}.save_weights_only=true with callbacks.ema would save the raw weights, not the average "
+                    "(Lightning writes it from a hook it skips for weights-only files): set it to false"
+                )
 
 
 def _optimizing_sweep() -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 # The purposes a stream is drawn for, so that two purposes never share a stream.
-ORDER, AUGMENT, CAPTIONS = 0, 1, 2
+ORDER, AUGMENT, CAPTIONS, INIT_SAMPLE = 0, 1, 2, 3  # INIT_SAMPLE: images for data-dependent initialisation
 
 
 def stream_seed(seed: int, *key: int) -> int:

@@ -15,16 +15,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
-from clipbench import plots
+if TYPE_CHECKING:  # pandas and the plots (matplotlib) load in a multirun only: Hydra builds this callback for every run
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 ERROR_FILE = "error.txt"
@@ -32,6 +32,8 @@ ERROR_FILE = "error.txt"
 
 def collect(sweep_dir: Path) -> pd.DataFrame:
     """One row per finished job: its command-line overrides, status, and final metrics or error."""
+    import pandas as pd
+
     rows = []
     for job_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
         metrics, error = job_dir / "metrics.json", job_dir / ERROR_FILE
@@ -57,6 +59,8 @@ def _number(text: str) -> Any:
 def write_summary(sweep_dir: Path, task_summary: str | None = None) -> pd.DataFrame:
     """``summary.csv`` and, once two jobs succeeded, ``summary.png`` (test metrics vs the swept key);
     then the task's own summary function, if ``task_summary`` names one."""
+    from clipbench import plots
+
     summary = collect(sweep_dir)
     if summary.empty:
         return summary

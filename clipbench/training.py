@@ -6,7 +6,7 @@ import time
 
 import lightning as L
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from clipbench import runs
@@ -54,21 +54,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
             runs.finish_loggers(trainer)
 
 
+def _best_checkpoint(trainer: L.Trainer) -> ModelCheckpoint | None:
+    """The checkpoint callback that keeps the best weights by a metric (``callbacks.model_checkpoint``);
+    ``trainer.checkpoint_callback`` would be the last-checkpoint callback when that one is switched off."""
+    return next((c for c in trainer.checkpoint_callbacks if c.monitor is not None), None)
+
+
 def _fit_and_test(cfg: DictConfig, out, model: CLIPTrainingModule, datamodule, trainer: L.Trainer) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     train_time = time.perf_counter() - started
-    has_best = trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path
     # The last epoch's validation metrics, and the best validation score the checkpoint callback saw:
     # what a sweeper may optimise (optimized_metric), never the test split.
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "purity/"))}
-    best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback is not None else None
-    if best is not None:
-        metrics[f"{trainer.checkpoint_callback.monitor}_best"] = float(best)
+    best = _best_checkpoint(trainer)
+    if best is not None and best.best_model_score is not None:
+        metrics[f"{best.monitor}_best"] = float(best.best_model_score)
     if getattr(datamodule, "class_names", None):  # image-caption pairs without eval_data: nothing to test zero-shot
-        trainer.test(model, datamodule=datamodule, ckpt_path="best" if cfg.test_ckpt == "best" and has_best else None)
+        # Without a best checkpoint written (no validation ran), the last weights are tested.
+        tested = best.best_model_path if cfg.test_ckpt == "best" and best is not None and best.best_model_path else None
+        trainer.test(model, datamodule=datamodule, ckpt_path=tested)
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     metrics.update(train_time_s=train_time, epochs=trainer.current_epoch, steps=trainer.global_step)
     if trainer.is_global_zero:

@@ -26,6 +26,7 @@ from clipbench.data import sources
 from clipbench.data.device_batches import Augment, DeviceBatches
 from clipbench.data.sources import DataError, TensorImages
 from clipbench.models.backbone import ImageSpec
+from clipbench.seeding import INIT_SAMPLE, stream_seed
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +240,21 @@ class CLIPDataModule(L.LightningDataModule):
     def _batches(self, split: str, train: bool = False):
         self.setup()
         return self._device_batches(split, train) if self.on_device else self._loader(split, train)
+
+    def train_sample(self, count: int) -> Tensor:
+        """Up to ``count`` training images, a random sample fixed by the run's seed (a class-sorted
+        folder tree's first images are one class), as the model sees them without augmentation: float
+        (n, C, size, size), normalised, on the CPU. For data-dependent initialisation (the whitened
+        stem of :class:`clipbench.models.towers.CifarResNet`)."""
+        self.setup()
+        train = self.splits["train"]
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, INIT_SAMPLE))
+        index = torch.randperm(len(train), generator=generator)[:count]
+        if isinstance(train, TensorImages):
+            return self.image_spec.normalize_batch(self.image_spec.resize_batch(train.images[index]))
+        sample = _Transformed(torch.utils.data.Subset(train, index.tolist()), self.image_spec.pil_transform())
+        loader = DataLoader(sample, batch_size=512, num_workers=self.num_workers, collate_fn=_collate_readable)
+        return torch.cat([images for images, *_ in loader])
 
     def train_dataloader(self):
         return self._batches("train", train=True)

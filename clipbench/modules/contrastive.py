@@ -17,9 +17,15 @@ from clipbench.data.templates import captions, resolve_templates
 from clipbench.losses import clip_loss
 from clipbench.models.backbone import CLIPBackbone
 from clipbench.models.checkpoint import instantiate_backbone
+from clipbench.models.towers import CifarResNet
 from clipbench.purity import METRICS, purity_metrics
 from clipbench.seeding import CAPTIONS, stream_seed
 from clipbench.zeroshot import class_embeddings, zeroshot_logits
+
+# On an accelerator, every possible caption is encoded each step up to this many (see _caption_features).
+ACCELERATOR_ALL_CAPTIONS = 512
+# Training images whose 2x2 patches whiten the stem of a CifarResNet built with whiten=true (airbench's 5,000).
+WHITENING_SAMPLES = 5000
 
 
 def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -62,10 +68,14 @@ class CLIPTrainingModule(L.LightningModule):
         warmup_epochs: float | None = None,
         min_lr_ratio: float = 0.0,
         same_class_positives: bool = True,
+        label_smoothing: float = 0.0,
         train_templates: Any = "train",
         eval_templates: Any = "train",
         trainable: str = "all",
+        eval_flip: bool = False,
+        channels_last: bool = False,
         compile: bool = False,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # plain containers: the backbone config rebuilds the model
@@ -76,6 +86,8 @@ class CLIPTrainingModule(L.LightningModule):
             self._freeze_all_but_projections()
         elif trainable != "all":
             raise ValueError(f"model.trainable must be 'all' or 'projections', got {trainable!r}")
+        if channels_last:  # convolution weights (4-D) only; image batches follow in the steps (_in_memory_format)
+            self.backbone.to(memory_format=torch.channels_last)
         self._step_fn = torch.compile(self._loss) if compile else self._loss
         self._pairs_step_fn = torch.compile(self._pairs_loss) if compile else self._pairs_loss
         self.class_names: list[str] = []
@@ -103,6 +115,8 @@ class CLIPTrainingModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         datamodule.setup(stage)
         self.class_names = list(getattr(datamodule, "class_names", None) or [])  # pairs without eval_data: none
+        if self.hparams.backbone.get("vocabulary") == "captions":  # clipbench.models.scratch.CAPTIONS, not resolved yet
+            self._resolve_vocabulary(datamodule)
         if not self.class_names:
             return
         # Every caption training can draw, tokenised once: tokens[t * C + c] is template t, class c.
@@ -120,6 +134,56 @@ class CLIPTrainingModule(L.LightningModule):
             )
             setattr(self, f"{split}_metrics", metrics.to(self.device))
 
+    def _resolve_vocabulary(self, datamodule) -> None:
+        """A from-scratch text tower with ``vocabulary: captions`` embeds the BPE tokens of every caption
+        training and zero-shot evaluation make (train, eval and the dataset's templates x class names), plus the byte
+        pieces that spell any other text (:mod:`clipbench.models.vocabulary`). Runs before the optimiser
+        is made; the resolved ids go into the backbone's hyper-parameters, so a checkpoint rebuilds the
+        same shapes, and a run resumed with ``ckpt_path=`` resolves the same list again."""
+        from clipbench.data.pairs import PairsDataModule  # its dependencies only when the vocabulary is resolved
+
+        if not self.class_names or isinstance(getattr(datamodule, "train_data", datamodule), PairsDataModule):  # WithZeroShotEval
+            raise ValueError(
+                "model.backbone.vocabulary=captions builds the text vocabulary from templates x class names of a labelled "
+                "dataset, but this run trains on image-caption pairs: set model.backbone.vocabulary=null (CLIP's full "
+                "vocabulary) or a list of BPE ids"
+            )
+        # The dataset's own zero-shot prompts too (evaluate.py's default): their words then tokenise as
+        # with CLIP's full vocabulary (one untrained row each) rather than spelled in byte pieces.
+        protocol = resolve_templates("dataset", dataset=datamodule.name) if hasattr(datamodule, "name") else ()
+        texts = []
+        for templates in (self.train_templates, self.eval_templates, protocol):
+            texts += [text for row in captions(templates, self.class_names) for text in row]
+        self.hparams.backbone["vocabulary"] = self.backbone.resolve_vocabulary(texts)
+
+    def on_fit_start(self) -> None:
+        self._whiten_image_stems()
+
+    def _whiten_image_stems(self) -> None:
+        """Data-dependent initialisation of towers built with ``whiten=True``
+        (:meth:`CifarResNet.init_whitening`), from a sample of the training images. Once in the life of
+        the weights: their ``whitened`` flag comes back with a resumed run's or a fine-tuned model's
+        weights (loaded before this hook runs)."""
+        towers = [m for m in self.backbone.modules() if isinstance(m, CifarResNet) and m.whitening_pending]
+        if not towers:
+            return
+        sample = getattr(self.trainer.datamodule, "train_sample", None)
+        if sample is None:
+            raise ValueError(
+                f"model.backbone.image_tower.whiten=true needs training images from the datamodule (train_sample), which "
+                f"{type(self.trainer.datamodule).__name__} does not offer: train on a labelled dataset, or set whiten=false"
+            )
+        images = sample(WHITENING_SAMPLES).to(self.device)
+        for tower in towers:
+            tower.init_whitening(images)
+            for tensor in tower.stem[0].parameters():  # every rank the same weights (eigenvectors' signs)
+                tensor.data.copy_(self.trainer.strategy.broadcast(tensor.data))
+
+    def _in_memory_format(self, images: Tensor) -> Tensor:
+        """A batch of images in the towers' memory format (``channels_last`` or as it comes). Done in the
+        steps: the shared ``on_after_batch_transfer`` hook makes Lightning warn on every run with a datamodule."""
+        return images.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else images
+
     # --------------------------------------------------------------- training
     def on_train_epoch_start(self) -> None:
         # Which template captions each sample is drawn from a stream keyed by (seed, epoch, rank), so a
@@ -127,18 +191,20 @@ class CLIPTrainingModule(L.LightningModule):
         seed = getattr(self.trainer.datamodule, "seed", 0)
         self._template_rng = torch.Generator(device=self.device)
         self._template_rng.manual_seed(stream_seed(seed, self.current_epoch, CAPTIONS, self.global_rank))
+        self._epoch_loss_sum, self._epoch_samples = torch.zeros((), device=self.device), 0
 
     def _loss(self, images: Tensor, labels: Tensor, template: Tensor) -> Tensor:
         text = self._caption_features(template * len(self.class_names) + labels)
         image, text = self._global_batch(self.backbone.encode_image(images), text)
         if self.trainer.world_size > 1:
             labels = self.all_gather(labels).flatten()
-        return clip_loss(image, text, self.backbone.similarity_scale(), labels if self.hparams.same_class_positives else None)
+        positives = labels if self.hparams.same_class_positives else None
+        return clip_loss(image, text, self.backbone.similarity_scale(), positives, self.hparams.label_smoothing)
 
     def _pairs_loss(self, images: Tensor, tokens: Tensor) -> Tensor:
         """CLIP's loss on image-caption pairs: each image's own caption is its one positive."""
         image, text = self._global_batch(self.backbone.encode_image(images), self.backbone.encode_text(tokens))
-        return clip_loss(image, text, self.backbone.similarity_scale())
+        return clip_loss(image, text, self.backbone.similarity_scale(), label_smoothing=self.hparams.label_smoothing)
 
     def _global_batch(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
         """L2-normalised features of the global batch. Under DDP every rank computes the loss of the
@@ -153,38 +219,51 @@ class CLIPTrainingModule(L.LightningModule):
     def _caption_features(self, caption_ids: Tensor) -> Tensor:
         """Text features of the captions ``caption_ids`` index into ``caption_tokens``.
 
-        Captions repeat heavily within a batch. When there are no more possible captions than
-        samples, encode them all: a fixed shape (no recompiles under ``compile``) and no host sync.
-        Otherwise encode each distinct caption of the batch once.
+        Captions repeat heavily within a batch. Encoding every possible caption has a fixed shape (no
+        recompiles under ``compile``) and no host sync; encoding only the batch's distinct captions
+        (``torch.unique``) makes the host wait for the device. So all are encoded when there are no
+        more of them than samples, and on an accelerator up to ``ACCELERATOR_ALL_CAPTIONS`` of them
+        (a few hundred short captions cost less than stalling the queue); otherwise each distinct one once.
         """
-        if len(self.caption_tokens) <= len(caption_ids):
+        possible = len(self.caption_tokens)
+        if possible <= len(caption_ids) or (self.device.type != "cpu" and possible <= ACCELERATOR_ALL_CAPTIONS):
             return self.backbone.encode_text(self.caption_tokens)[caption_ids]
         unique_ids, inverse = torch.unique(caption_ids, return_inverse=True)
         return self.backbone.encode_text(self.caption_tokens[unique_ids])[inverse]
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, targets = batch
+        images = self._in_memory_format(images)
         if targets.ndim == 2:  # (B, L) caption tokens: image-caption pairs
             loss = self._pairs_step_fn(images, targets)
         else:  # (B,) class labels, captioned by templates
             template = torch.randint(len(self.train_templates), targets.shape, device=targets.device, generator=self._template_rng)
             loss = self._step_fn(images, targets, template)
-        # Not on the progress bar per step: showing it would sync the device every step. The learning
-        # rate is logged by Lightning's LearningRateMonitor (conf/callbacks/default.yaml).
-        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(targets))
-        self.log("train/temperature", 1.0 / self.backbone.similarity_scale(), on_step=False, on_epoch=True)
+        # The epoch's mean loss accumulates on the device; the step loss goes to Lightning only on the
+        # steps its loggers write (every trainer.log_every_n_steps): each self.log call costs a
+        # fraction of a millisecond of host time, a step of cifar10_fast on an H100 about ten. Never on
+        # the progress bar per step: showing it would sync the device every step. The learning rate
+        # is logged by Lightning's LearningRateMonitor (conf/callbacks/default.yaml).
+        self._epoch_loss_sum += loss.detach() * len(targets)
+        self._epoch_samples += len(targets)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=len(targets))
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.hparams.trainable != "projections":  # a frozen scale stays exactly as the source had it
             self.backbone.clamp_logit_scale_()  # after the optimizer step
         if batch_idx == self.trainer.num_training_batches - 1:
-            self._log_purity()
+            self._log_epoch_end_state()
 
-    def _log_purity(self) -> None:
-        """Feature purity of both projections after the epoch's last step (``purity/<tower>/<metric>``,
-        :func:`clipbench.purity.purity_metrics`). Logged from the last batch rather than at epoch end,
-        so that the epoch's history row (written by a callback before the module's epoch-end hook) holds it."""
+    def _log_epoch_end_state(self) -> None:
+        """The temperature and the feature purity of both projections after the epoch's last step
+        (``train/temperature``, ``purity/<tower>/<metric>``, :func:`clipbench.purity.purity_metrics`):
+        once per epoch, not per step. Logged from the last batch rather than at epoch end, so that the
+        epoch's history row (written by a callback before the module's epoch-end hook) holds them.
+        The epoch's mean training loss (``train/loss_epoch``) is logged here too."""
+        self.log("train/loss_epoch", self._epoch_loss_sum / self._epoch_samples, on_step=False, on_epoch=True)
+        self.log("train/temperature", 1.0 / self.backbone.similarity_scale(), on_step=False, on_epoch=True)
         for tower in ("image", "text"):
             metrics = purity_metrics(self.backbone.projection_matrix(tower).detach())
             self.log_dict({f"purity/{tower}/{name}": metrics[name] for name in METRICS}, on_step=False, on_epoch=True, sync_dist=False)
@@ -199,9 +278,21 @@ class CLIPTrainingModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._refresh_classifier()
 
+    def zeroshot_image_features(self, images: Tensor) -> Tensor:
+        """Image embeddings for zero-shot validation and test. With ``eval_flip`` (test-time flip
+        augmentation), the renormalised mean of the normalised embeddings of each image and its mirror
+        image. Averaging the views' cosine logits instead would give the same ranking of classes (the
+        two differ by a positive factor per image); averaging embeddings keeps the logits cosine
+        similarities of one unit embedding per image."""
+        features = self.backbone.encode_image(images)
+        if not self.hparams.eval_flip:
+            return features
+        mirrored = self.backbone.encode_image(images.flip(-1))
+        return F.normalize(F.normalize(features.float(), dim=-1) + F.normalize(mirrored.float(), dim=-1), dim=-1)
+
     def _zeroshot_step(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection) -> Tensor:
         images, labels = batch
-        logits = zeroshot_logits(self.backbone.encode_image(images), self.classifier)
+        logits = zeroshot_logits(self.zeroshot_image_features(self._in_memory_format(images)), self.classifier)
         metrics.update(logits, labels)
         self.log_dict(metrics, on_epoch=True, prog_bar=True, batch_size=len(labels))
         return logits.argmax(dim=-1)
@@ -219,7 +310,11 @@ class CLIPTrainingModule(L.LightningModule):
             {"params": [p for n, p in named if not _no_decay(n, p)], "weight_decay": self.hparams.weight_decay},
             {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
+        # fused: one kernel for the whole update (CPU and CUDA); torch's default updates parameter by
+        # parameter on the CPU, 6x slower for a 16M-parameter model on 2 cores.
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=self.hparams.fused
+        )
         total = int(self.trainer.estimated_stepping_batches)
         if self.hparams.warmup_epochs is not None:  # whole epochs, as the misalignment recipe states it
             warmup = max(1, round(self.hparams.warmup_epochs * total / max(1, self.trainer.max_epochs)))
