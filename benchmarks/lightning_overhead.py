@@ -99,21 +99,11 @@ def run_plain(cfg, device: str, total_steps: int, precision: str) -> list[float]
 
 def run_lightning(cfg, device: str, total_steps: int, precision: str) -> list[float]:
     import lightning as L
+    from _stamps import StepStamps
 
     module, datamodule = build(cfg, device)
 
-    class Stamps(L.Callback):
-        def __init__(self) -> None:
-            self.stamps: list[float] = []
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self.stamps.append(time.perf_counter())
-
-        def on_train_end(self, trainer, pl_module) -> None:
-            C.sync(device)
-            self.stamps.append(time.perf_counter())
-
-    stamps = Stamps()
+    stamps = StepStamps(device)
     trainer = L.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
         devices=1,

@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 
 import _common as C
-import lightning as L
 
 TARGET_RATIO = 1.5
 BATCH_SIZE = 32
@@ -135,27 +134,6 @@ def run_seed(root: Path, device: str, total_steps: int, workers: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------- clipbench
-class StepStamps(L.Callback):
-    """A timestamp at the start of every training step and one when training ends; the latest
-    instance is ``StepStamps.latest`` (train() builds it from the config, out of the caller's reach)."""
-
-    latest: StepStamps | None = None
-
-    def __init__(self, device: str) -> None:
-        self.device, self.stamps, self.parameters = device, [], 0
-        StepStamps.latest = self
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.parameters = sum(p.numel() for p in pl_module.parameters())  # after set-up: a compact vocabulary is built by then
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.stamps.append(time.perf_counter())
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        C.sync(self.device)
-        self.stamps.append(time.perf_counter())
-
-
 def clipbench_overrides(root: Path, device: str, total_steps: int) -> list[str]:
     templates = ",".join(f"'{t}'" for t in TEMPLATES)
     on_cpu = ["trainer.accelerator=cpu", "trainer.precision=32-true"] if device == "cpu" else []  # cuda: the recipe's trainer=gpu
@@ -175,6 +153,7 @@ def clipbench_overrides(root: Path, device: str, total_steps: int) -> list[str]:
 
 
 def run_clipbench(overrides: list[str], device: str, cache_dir: Path) -> dict:
+    from _stamps import StepStamps
     from omegaconf import open_dict
 
     from clipbench.runs import compose_config
@@ -183,7 +162,7 @@ def run_clipbench(overrides: list[str], device: str, cache_dir: Path) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-seed003-"))
     cfg = compose_config("train", overrides, tmp / "run", cache_dir)
     with open_dict(cfg):
-        cfg.callbacks.step_stamps = {"_target_": f"{__name__}.StepStamps", "device": device}
+        cfg.callbacks.step_stamps = {"_target_": "_stamps.StepStamps", "device": device}
     try:
         train(cfg)
     finally:

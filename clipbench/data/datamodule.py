@@ -251,7 +251,7 @@ class CLIPDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(stream_seed(self.seed, INIT_SAMPLE))
         index = torch.randperm(len(train), generator=generator)[:count]
         if isinstance(train, TensorImages):
-            return self.image_spec.normalize_batch(self.image_spec.resize_batch(train.images[index]))
+            return self.image_spec.batch_transform(train.images[index])
         sample = _Transformed(torch.utils.data.Subset(train, index.tolist()), self.image_spec.pil_transform())
         loader = DataLoader(sample, batch_size=512, num_workers=self.num_workers, collate_fn=_collate_readable)
         return torch.cat([images for images, *_ in loader])
